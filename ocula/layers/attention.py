@@ -1,0 +1,139 @@
+"""Causal self-attention for every decoder layer: one function, two paths chosen by the metadata.
+
+Notable features:
+- dense path (library, `generate()`, training): a preallocated `StaticKVCache`; the S new keys / values
+  are written into the cache slice [start, start + S) and attention runs over [0, start + S): nothing is
+  concatenated per step;
+- GQA through SDPA's `enable_gqa` (no repeated K/V copies), causal by cache index, a padding key mask,
+  and an optional sliding window (a query at index q sees keys k with q - window < k <= q, as
+  transformers' sliding masks);
+- masks are built once per forward (one per distinct window) by `dense_masks`, not once per layer;
+- a query row with no visible key (a left-padding position) attends to every key instead of producing
+  NaN, as transformers' SDPA masks do, so even padding positions give the same numbers;
+- paged path (engine): metadata that is not `DenseAttentionMetadata` is handed to the engine's paged
+  attention (`ocula/engine/paged_attention.py`), which writes into its block pool. Both paths give the same
+  numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class StaticKVCache:
+    """k, v: [num_layers, B, num_kv_heads, max_len, head_dim], allocated once per generate() call."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k / v [B, Hkv, S, D] at [start, start + S); return views of [0, start + S)."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+@dataclass
+class DenseAttentionMetadata:
+    cache: StaticKVCache | None = None  # None: no cache (plain forward / training)
+    start: int = 0  # cache index where the S new tokens are written
+    key_mask: torch.Tensor | None = None  # [B, start + S] bool, True = real token (padding mask)
+
+
+# Mask per sliding window (None = full attention); None as a value means "plain causal, use is_causal".
+DenseMasks = dict[int | None, torch.Tensor | None]
+
+
+def dense_masks(
+    attn: DenseAttentionMetadata, seq_len: int, windows: set[int | None], device: torch.device
+) -> DenseMasks:
+    """The boolean masks [B | 1, 1, S, start + S] the layers need, built once per forward."""
+    return {window: _dense_mask(attn, seq_len, window, device) for window in windows}
+
+
+def _dense_mask(
+    attn: DenseAttentionMetadata, seq_len: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    total = attn.start + seq_len
+    key_mask = attn.key_mask
+    if key_mask is not None and bool(key_mask.all()):
+        key_mask = None
+    if key_mask is None and window is None and attn.start == 0:
+        return None  # plain causal: SDPA's is_causal path
+    q_idx = torch.arange(attn.start, total, device=device)[:, None]  # [S, 1] cache index of each query
+    k_idx = torch.arange(total, device=device)[None, :]  # [1, T]
+    mask = k_idx <= q_idx  # [S, T]
+    if window is not None:
+        mask = mask & (k_idx > q_idx - window)
+    mask = mask[None, None]  # [1, 1, S, T]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :total].to(device=device, dtype=torch.bool)  # [B, 1, S, T]
+    # Rows that see no key at all (padding queries) attend to everything, as transformers' SDPA masks.
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    attn: DenseAttentionMetadata | Any,
+    *,
+    scale: float,
+    masks: DenseMasks | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, S, D], k / v [B, Hkv, S, D] (rotary applied) -> [B, S, Hq * D]."""
+    if not isinstance(attn, DenseAttentionMetadata):
+        return _paged(q, k, v, layer, attn, scale, sliding_window)
+    if attn.cache is not None:
+        k, v = attn.cache.update(layer, attn.start, k, v)  # [B, Hkv, start + S, D]
+    if masks is None:
+        masks = dense_masks(attn, q.shape[2], {sliding_window}, q.device)
+    mask = masks[sliding_window]
+    causal = mask is None and q.shape[2] > 1
+    out = F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # [B, Hq, S, D]
+    return out.transpose(1, 2).flatten(2)
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    return x[0].transpose(0, 1)  # [1, H, T, D] -> [T, H, D]
+
+
+def _paged(q, k, v, layer: int, attn, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Engine path: the new tokens of all sequences are packed along S, with B == 1."""
+    from ..engine.paged_attention import paged_attention  # the engine owns the block pool
+
+    out = paged_attention(
+        _packed(q), _packed(k), _packed(v), layer, attn, scale=scale, sliding_window=sliding_window
+    )  # [T, Hq, D]
+    return out.flatten(1)[None]  # [1, T, Hq * D]

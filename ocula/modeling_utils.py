@@ -1,0 +1,236 @@
+"""`PreTrainedModel`: transformers-style `from_pretrained` for ocula's models, and the shared output types.
+
+Notable features:
+- `from_pretrained(path or hub id)`: config.json -> typed config (+ keyword overrides) -> model built on
+  the meta device (no random init, no double allocation) -> lazy safetensors copied straight into the
+  parameters in the requested dtype and device -> tied weights shared -> eval mode;
+- `dtype` / `torch_dtype`: "auto" (the default, like transformers 5) is the config's dtype, else the
+  checkpoint's first floating dtype; also a torch.dtype or a name such as "bfloat16";
+- `device` / `device_map` ("auto", "cpu", "cuda", "cuda:1", an index, or a dict placing everything on one
+  device); `attn_implementation` of any kind runs the SDPA path; `quantization_config` is refused;
+- `.generation_config` from generation_config.json, `.device`, `.dtype`, `num_parameters()`,
+  `tie_weights()`; `generate()` comes from `GenerationMixin`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_utils import BaseConfig, dtype_name
+from .errors import ConfigError, UnsupportedFeatureError
+from .generation import GenerationConfig, GenerationMixin
+from .loading import SafetensorsCheckpoint, load_weights, rename_key, resolve_checkpoint
+
+IGNORE_INDEX = -100
+ATTN_IMPLEMENTATIONS = {None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+# from_pretrained options of transformers that change nothing here
+_IGNORED_OPTIONS = {
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "use_safetensors", "variant",
+    "force_download", "resume_download", "proxies", "offload_folder", "offload_state_dict", "max_memory",
+    "_from_auto", "_fast_init", "key_mapping", "tp_plan",
+}  # fmt: skip
+
+
+@dataclass
+class CausalLMOutput:
+    """What `forward` returns: `.logits` [B, S, V] and `.loss` (None without labels)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    def __getitem__(self, key: str | int) -> torch.Tensor | None:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(v for v in (self.loss, self.logits) if v is not None)[key]  # transformers' tuple order
+
+
+def keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """transformers' `logits_to_keep`: 0 keeps all positions, n the last n, a tensor selects indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    return hidden[:, logits_to_keep]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in float32, mean over labels != -100 (transformers' ForCausalLMLoss)."""
+    labels = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, S], shifted left
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def resolve_dtype(dtype: Any, config: BaseConfig, ckpt: SafetensorsCheckpoint) -> torch.dtype:
+    """None / "auto" -> the config's dtype, else the checkpoint's; a name or torch.dtype as given."""
+    if dtype is None or dtype == "auto":
+        name = dtype_name(getattr(config, "dtype", None)) or _checkpoint_dtype(ckpt)
+        return _to_dtype(name or "float32", "config.json dtype")
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return _to_dtype(dtype_name(dtype), "dtype")
+
+
+def _to_dtype(name: str, what: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"{what}={name!r} is not a floating torch dtype; use e.g. 'float32' or 'bfloat16'.")
+    return value
+
+
+def _checkpoint_dtype(ckpt: SafetensorsCheckpoint) -> str | None:
+    for key in ckpt:
+        value = ckpt.get(key)
+        if value.is_floating_point():
+            return dtype_name(value.dtype)
+    return None
+
+
+def resolve_device(device: Any = None, device_map: Any = None) -> torch.device:
+    """`device` or a single-device `device_map` -> torch.device (default CPU)."""
+    where = device if device is not None else device_map
+    if isinstance(where, dict):
+        places = {str(v) for v in where.values()}
+        if len(places) != 1:
+            raise UnsupportedFeatureError(
+                f"device_map={where} splits the model over several devices; ocula loads a model on one "
+                "device: pass device='cuda' (or 'cpu')."
+            )
+        where = places.pop()
+    if where is None:
+        return torch.device("cpu")
+    if where == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(where, int) or (isinstance(where, str) and where.isdigit()):
+        return torch.device("cuda", int(where))
+    return torch.device(where)
+
+
+class PreTrainedModel(GenerationMixin, nn.Module):
+    """Base of every `*ForConditionalGeneration`: loading, dtype / device, tied weights."""
+
+    config_class: ClassVar[type[BaseConfig]]
+    checkpoint_rename: ClassVar[list[tuple[str, str]]] = []  # (regex, replacement) for older key layouts
+    tied_weights: ClassVar[dict[str, str]] = {}  # dst -> src, shared when config.tie_word_embeddings
+
+    def __init__(self, config: BaseConfig):
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationConfig()
+        self._kept_separate: set[str] = set()  # tied names the checkpoint gives different values
+
+    # -- loading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        config: BaseConfig | None = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        device: Any = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        trust_remote_code: bool = False,
+        low_cpu_mem_usage: bool | None = None,
+        quantization_config: Any = None,
+        **config_overrides: Any,
+    ) -> PreTrainedModel:
+        """Load a checkpoint folder or hub id (same arguments as transformers' from_pretrained)."""
+        _check_options(attn_implementation, quantization_config)
+        folder = resolve_checkpoint(name_or_path, revision=revision, local_files_only=local_files_only,
+                                    token=token, cache_dir=cache_dir)
+        config = config if config is not None else cls.config_class.from_pretrained(folder)
+        config = _apply_overrides(config, config_overrides)
+        ckpt = SafetensorsCheckpoint(folder)
+        model = cls._load(config, ckpt, resolve_dtype(dtype if dtype is not None else torch_dtype, config, ckpt),
+                          resolve_device(device, device_map))
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+        return model
+
+    @classmethod
+    def _load(cls, config: BaseConfig, ckpt, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+        names = {rename_key(key, cls.checkpoint_rename): key for key in ckpt}  # model name -> checkpoint key
+        with torch.device("meta"):
+            model = cls(config)
+        model._untie_differing(ckpt, names)
+        tied = model._tied_map()
+        # an identical tied copy saved in the checkpoint is skipped: the source fills both
+        ignore = [f"^{re.escape(names[dst])}$" for dst in tied if dst in names]
+        load_weights(model, ckpt, rename=cls.checkpoint_rename, tied=tied, ignore=ignore, dtype=dtype,
+                     device=device)
+        model.tie_weights()
+        return model.eval()
+
+    def _untie_differing(self, ckpt, names: dict[str, str]) -> None:
+        """Like transformers 5: a tied pair whose checkpoint holds two different tensors stays separate."""
+        for dst, src in self._tied_map().items():
+            if dst in names and src in names and not torch.equal(ckpt.get(names[dst]), ckpt.get(names[src])):
+                self._kept_separate.add(dst)
+                owner, _, attr = dst.rpartition(".")
+                setattr(self.get_submodule(owner), attr, nn.Parameter(torch.empty_like(self.get_parameter(dst))))
+
+    def _tied_map(self) -> dict[str, str]:
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return {}
+        return {dst: src for dst, src in self.tied_weights.items() if dst not in self._kept_separate}
+
+    def tie_weights(self) -> None:
+        """Share each tied destination with its source parameter (lm_head <- input embeddings)."""
+        for dst, src in self._tied_map().items():
+            owner, _, name = dst.rpartition(".")
+            setattr(self.get_submodule(owner), name, self.get_parameter(src))
+
+    # -- properties ------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError(f"{type(self).__name__} must implement get_input_embeddings()")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count, each shared (tied) tensor once."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(
+            p.numel()
+            for p in self.parameters()  # parameters() yields a tied tensor once
+            if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in embeddings)
+        )
+
+
+def _check_options(attn_implementation: str | None, quantization_config: Any) -> None:
+    if quantization_config is not None:
+        raise UnsupportedFeatureError(
+            "quantization_config is not supported: load the unquantized checkpoint with dtype='bfloat16'."
+        )
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"attn_implementation={attn_implementation!r} is unknown; use 'sdpa' (all choices run ocula's "
+            "SDPA attention)."
+        )
+
+
+def _apply_overrides(config: BaseConfig, overrides: dict[str, Any]) -> BaseConfig:
+    """from_pretrained(..., key=value) replaces config keys like transformers does (then re-checks)."""
+    overrides = {k: v for k, v in overrides.items() if k not in _IGNORED_OPTIONS}
+    unknown = sorted(k for k in overrides if not hasattr(config, k))
+    if unknown:
+        raise ConfigError(
+            f"from_pretrained got unknown option(s) {unknown}: not a config field of {type(config).__name__} "
+            "nor a from_pretrained argument. Check the spelling."
+        )
+    return config.with_overrides(**overrides)

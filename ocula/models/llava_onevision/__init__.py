@@ -1,0 +1,1 @@
+"""LLaVA-OneVision: SigLIP tower + GELU projector + Qwen2 decoder, with anyres image tiling."""

@@ -61,7 +61,7 @@ for _family, _names in _FAMILY_NAMES.items():
     for _name in _names:
         _NAMES[_name] = _family_module(_family, _name)
 
-__all__ = sorted(_NAMES) + ["__version__"]
+__all__ = [*sorted(_NAMES), "__version__"]  # noqa: PLE0604 - built from the lazy-name table
 
 
 def __getattr__(name: str):

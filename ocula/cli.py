@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # noqa: BLE001 - the CLI reports ocula's typed errors as one line
+    except Exception as error:
         from .errors import OculaError
 
         if isinstance(error, OculaError):

@@ -24,7 +24,7 @@ print("BANNED", banned)
 
 def test_running_a_model_imports_no_transformers(qwen2_vl_ckpt):
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(qwen2_vl_ckpt)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCRIPT, str(qwen2_vl_ckpt)], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BANNED []" in result.stdout

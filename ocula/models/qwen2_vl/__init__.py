@@ -6,11 +6,11 @@ from .processing import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoPro
 
 __all__ = [
     "Qwen2VLConfig",
-    "Qwen2VLTextConfig",
-    "Qwen2VLVisionConfig",
     "Qwen2VLForConditionalGeneration",
-    "Qwen2VLModel",
     "Qwen2VLImageProcessor",
+    "Qwen2VLModel",
     "Qwen2VLProcessor",
+    "Qwen2VLTextConfig",
     "Qwen2VLVideoProcessor",
+    "Qwen2VLVisionConfig",
 ]

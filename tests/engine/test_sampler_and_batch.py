@@ -1,0 +1,59 @@
+"""Sampling filters against transformers' warpers; batch layout (slots, M-RoPE positions, media rows)."""
+
+import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from ocula.engine.model_runner import gather_media_features, media_rows
+from ocula.engine.request import MediaItem
+from ocula.engine.sampler import _filtered_probs
+from ocula.engine.testing import FakeModelRunner
+
+from .helpers import TOK, greedy, make_engine, run_all
+
+
+def test_top_k_top_p_keep_the_same_tokens_as_transformers():
+    g = torch.Generator().manual_seed(3)
+    for top_k, top_p in [(5, 1.0), (0, 0.7), (12, 0.5), (0, 0.05)]:
+        logits = torch.randn(50, generator=g) * 2
+        probs = _filtered_probs(logits, top_k, top_p)
+        ref = logits[None]
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1.0:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        assert torch.equal(probs > 0, torch.isfinite(ref[0]))
+        torch.testing.assert_close(probs, ref[0].softmax(-1))
+
+
+class MRopeRunner(FakeModelRunner):
+    """Pretends to be an M-RoPE model: prompt positions 3 rows apart, decode continues at index + delta."""
+
+    def init_positions(self, request):
+        p = request.num_prompt_tokens
+        base = torch.arange(p)
+        return torch.stack([base, base + 100, base + 200]), -5
+
+
+def test_mrope_positions_slots_and_media_rows_in_the_batch():
+    engine, _ = make_engine(budget=6)
+    runner = MRopeRunner()
+    engine.runner = runner
+    runner.init_kv_cache(engine.config)
+    prompt = TOK.encode("0123456789")
+    media = [MediaItem("h", 2, 3)]
+    engine.add_request("a", prompt, greedy(3), media=media)
+    run_all(engine)
+    first, second, decode = runner.steps[:3]
+    assert first.positions.tolist() == [[0, 1, 2, 3, 4, 5], [100, 101, 102, 103, 104, 105],
+                                        [200, 201, 202, 203, 204, 205]]
+    assert second.positions[:, -1].tolist() == [9, 109, 209]
+    assert decode.positions.tolist() == [[10 - 5], [10 - 5], [10 - 5]]
+    table = first.attn.block_tables[0].tolist()
+    assert first.attn.slot_mapping.tolist() == [table[i // 4] * 4 + i % 4 for i in range(6)]
+    assert first.attn.context_lens.tolist() == [6] and second.attn.context_lens.tolist() == [10]
+    assert first.sample_indices.tolist() == [] and second.sample_indices.tolist() == [3]
+    features = gather_media_features(first)
+    assert list(features) == [prompt[2]] and features[prompt[2]].shape == (3, 1)
+    indices, rows = media_rows(first)
+    assert indices.tolist() == [2, 3, 4] and torch.equal(rows, features[prompt[2]])
+    assert media_rows(decode) is None

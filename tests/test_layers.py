@@ -88,9 +88,9 @@ def eager_reference(q, k, v, key_mask, window):
     if window is not None:
         allowed &= idx[None, :] > idx[:, None] - window
     allowed = allowed[None, None] & key_mask[:, None, None, :]
-    allowed |= ~allowed.any(-1, keepdim=True)
+    live = allowed.any(-1, keepdim=True)  # a query that sees no key (left padding) outputs zeros
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    out = scores.masked_fill(~(allowed | ~live), float("-inf")).softmax(-1) @ v * live
     return out.transpose(1, 2).flatten(2)
 
 

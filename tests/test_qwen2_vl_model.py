@@ -322,3 +322,25 @@ def test_from_pretrained_options(v5):
         Qwen2VLForConditionalGeneration.from_pretrained(v5, quantization_config={"load_in_4bit": True})
     with pytest.raises(ConfigError, match="not_a_field"):
         Qwen2VLForConditionalGeneration.from_pretrained(v5, not_a_field=1)
+
+
+def test_left_padding_positions_match_transformers(qwen2_vl_ckpt):
+    """Full logits of a left-padded batch, padding positions included, equal transformers'."""
+    from tests.checkpoints import hf_model
+
+    from ocula import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(qwen2_vl_ckpt, padding_side="left")
+    conversations = [
+        [{"role": "user", "content": "hello there how are you doing today my friend"}],
+        [{"role": "user", "content": "hi"}],
+    ]
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        padding=True,
+    )
+    assert not bool(inputs["attention_mask"].all())
+    with torch.no_grad():
+        ours = AutoModelForImageTextToText.from_pretrained(qwen2_vl_ckpt)(**inputs).logits
+        theirs = hf_model(qwen2_vl_ckpt)(**inputs).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -26,7 +26,7 @@ _FAMILY_NAMES = {
     ),
     "ovis2": (
         "Ovis2Config", "Ovis2VisionConfig", "Ovis2ForConditionalGeneration", "Ovis2Model", "Ovis2Processor",
-        "Ovis2ImageProcessor",
+        "Ovis2ImageProcessor", "Ovis2ImageProcessorPil", "Ovis2ImageProcessorFast",
     ),
 }
 
@@ -61,7 +61,14 @@ for _family, _names in _FAMILY_NAMES.items():
     for _name in _names:
         _NAMES[_name] = _family_module(_family, _name)
 
-__all__ = [*sorted(_NAMES), "__version__"]  # noqa: PLE0604 - built from the lazy-name table
+__all__ = [*sorted(_NAMES), "__version__", "infer_device"]  # noqa: PLE0604 - built from the lazy-name table
+
+
+def infer_device() -> str:
+    """The device a model should run on: "cuda" when a GPU is visible, else "cpu" (as transformers')."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def __getattr__(name: str):

@@ -10,8 +10,6 @@ Notable features:
 - `head_dim` from the config when given (transformers 5 writes it), else hidden_size / num_attention_heads;
   `rope_parameters` (v5) or `rope_theta` (hub) for the RoPE base;
 - takes `inputs_embeds` and attention metadata (dense static cache or paged), masks built once per forward;
-- a padding query (left padding: no key visible) outputs zeros, as transformers 5.23 on torch >= 2.5 SDPA
-  does, so logits at padding positions, and a loss that reads them, are the same as transformers'.
 Checked against transformers 5.23 `MistralModel` inside `Idefics2ForConditionalGeneration`
 (tests/test_idefics2_model.py).
 """
@@ -53,31 +51,6 @@ class MistralConfig(Qwen2Config):
     def _default_layer_type(self, layer: int) -> str:
         # Mistral has no `use_sliding_window` switch: a window in the config applies to all layers.
         return SLIDING if self.sliding_window is not None else FULL
-
-
-def padding_aware_masks(
-    attn: DenseAttentionMetadata, seq_len: int, windows: set[int | None], device: torch.device
-) -> dict[int | None, torch.Tensor | None]:
-    """`dense_masks`, except that a query row with no visible key stays empty.
-
-    SDPA (torch >= 2.5) then outputs zeros for it, which is what transformers 5.23 computes; `dense_masks`
-    opens such rows to every key instead, which changes the logits at left-padding positions, and so a
-    loss whose first real label sits right after the padding.
-    """
-    key_mask = attn.key_mask
-    if key_mask is None or bool(key_mask.all()):
-        return dense_masks(attn, seq_len, windows, device)
-    total = attn.start + seq_len
-    q_idx = torch.arange(attn.start, total, device=device)[:, None]  # [S, 1] cache index of each query
-    k_idx = torch.arange(total, device=device)[None, :]  # [1, T]
-    real = key_mask[:, None, None, :total].to(device=device, dtype=torch.bool)  # [B, 1, 1, T]
-    masks = {}
-    for window in windows:
-        visible = k_idx <= q_idx
-        if window is not None:
-            visible = visible & (k_idx > q_idx - window)
-        masks[window] = visible[None, None] & real  # [B, 1, S, T]
-    return masks
 
 
 class MistralAttention(nn.Module):
@@ -137,7 +110,7 @@ class MistralModel(nn.Module):
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)  # [B, S, D] each
         masks = None
         if isinstance(attn, DenseAttentionMetadata):
-            masks = padding_aware_masks(attn, inputs_embeds.shape[1], self.windows, inputs_embeds.device)
+            masks = dense_masks(attn, inputs_embeds.shape[1], self.windows, inputs_embeds.device)
         hidden = inputs_embeds
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, attn, masks)

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_test_env.sh
-python -m pytest tests "$@"
+python -m pytest tests -q "$@"

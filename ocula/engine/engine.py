@@ -6,13 +6,15 @@
         for out in engine.step(): ...
 
 A step: the scheduler picks chunks under the token budget -> media features come from the encoder cache
-(or are encoded in one batched call) -> the runner returns logits for the sequences that reached their
-end -> sampling, incremental detokenisation, stop checks; finished sequences free their KV blocks at once.
+(or are encoded in one batched call; an item halfway through a chunked prefill stays pinned) -> the runner
+returns logits for the sequences that reached their end -> sampling, incremental detokenisation, stop
+checks; finished sequences free their KV blocks at once.
 
-Notable features: n > 1 shares one prefill (the sequence is forked when its first token is sampled, its
-blocks shared by reference count); stop strings cut from the text and held back while streaming; raw
-logprobs; the engine knows no model family and no tokenizer internals (the tokenizer is injected and
-only `decode` / `eos_token_id` are used).
+Notable features: every sampled row of a step is sampled in one batched call of the library's sampler
+(transformers' processor order); n > 1 shares one prefill (the sequence is forked when its first token is
+sampled, its blocks shared by reference count); stop strings cut from the text and held back while
+streaming; raw logprobs; the engine knows no model family and no tokenizer internals (the tokenizer is
+injected and only `decode` / `eos_token_id` are used).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ocula.engine.encoder_cache import EncoderCache, ProcessedMediaCache
 from ocula.engine.model_runner import ModelRunner, ScheduledBatch
 from ocula.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from ocula.engine.request import MediaItem, Request, Sequence, SequenceStatus
-from ocula.engine.sampler import sample_token
+from ocula.engine.sampler import sample_tokens
 from ocula.engine.sampling_params import SamplingParams
 from ocula.engine.scheduler import Scheduler
 from ocula.errors import ConfigError, PlaceholderMismatchError, RequestTooLargeError
@@ -52,6 +54,7 @@ class LLMEngine:
         self.media_cache = ProcessedMediaCache(config.media_cache_bytes)  # for front ends that process media
         self.requests: dict[str, Request] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._pinned: dict[str, torch.Tensor] = {}  # features of items a chunked prefill is halfway through
         self._seq_ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -137,17 +140,29 @@ class LLMEngine:
         self._attach_media_features(batch)
         logits = self.runner.execute(batch)  # [S, V]
         self.scheduler.update_computed(batch)
-        touched: dict[str, Request] = {}
-        for scheduled, row in zip(batch.sampled, logits):
-            self._on_logits(scheduled.seq, row)
-            touched[scheduled.seq.request.request_id] = scheduled.seq.request
+        seqs, rows = [], []
+        for index, scheduled in enumerate(batch.sampled):
+            forked = [scheduled.seq] if scheduled.seq.request.forked else self._fork(scheduled.seq)
+            seqs += forked
+            rows += [index] * len(forked)
+        if seqs:
+            picks = sample_tokens(logits[rows], seqs, [self._banned(s) for s in seqs])  # one batched call
+            for seq, (token, logprobs) in zip(seqs, picks):
+                self._append(seq, token, logprobs)
+        touched = {seq.request.request_id: seq.request for seq in seqs}
         return [self._collect(request) for request in touched.values()]
 
     def _attach_media_features(self, batch: ScheduledBatch) -> None:
-        """Fill `batch.media_features` from the encoder cache, encoding the misses in one call."""
+        """Fill `batch.media_features` from the encoder cache, encoding the misses in one call.
+
+        An item whose placeholders continue in a later chunk stays pinned until its last rows run, so a
+        chunked prefill never encodes it twice, even when the LRU cache evicts it (or it is too big for it).
+        """
         missing = []
         for item in {sl.item.hash: sl.item for sl in batch.media}.values():
-            features = self.encoder_cache.get(item.hash)
+            features = self._pinned.get(item.hash)
+            if features is None:
+                features = self.encoder_cache.get(item.hash)
             if features is None:
                 missing.append(item)
             else:
@@ -156,13 +171,11 @@ class LLMEngine:
             for item, features in zip(missing, self.runner.encode_media(missing), strict=True):
                 batch.media_features[item.hash] = _checked(item, features)
                 self.encoder_cache.put(item.hash, features)
-
-    def _on_logits(self, seq: Sequence, logits: torch.Tensor) -> None:
-        request = seq.request
-        seqs = [seq] if request.forked else self._fork(seq)
-        for s in seqs:
-            token, logprobs = sample_token(logits, s, self._banned(s))
-            self._append(s, token, logprobs)
+        for sl in batch.media:
+            if sl.row_end < sl.item.length:
+                self._pinned[sl.item.hash] = batch.media_features[sl.item.hash]
+            else:
+                self._pinned.pop(sl.item.hash, None)
 
     def _banned(self, seq: Sequence) -> list[int]:
         """Before `min_tokens`, EOS and stop ids cannot be sampled."""
@@ -248,6 +261,8 @@ class LLMEngine:
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
+        for item in request.media:
+            self._pinned.pop(item.hash, None)
         for seq in request.sequences:
             self._detok.pop(seq.seq_id, None)
 

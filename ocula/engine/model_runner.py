@@ -10,18 +10,33 @@ Notable features of the batch layout:
   admission (prompt tokens) or `index + position_delta` (generated tokens);
 - media slices say which rows of which item's features fill which placeholder tokens of this step, so a
   placeholder range split across chunks still gets the right feature rows.
+
+`TorchModelRunner` is the real runner: any ocula `*ForConditionalGeneration`, through the model contract only
+(no family names):
+- the paged KV pool is shaped from the model's own `new_kv_cache` (layers, KV heads, head dim, dtype) and
+  sized from `num_kv_blocks` or a fraction of free memory (on CPU: of a quarter of the available host
+  memory), capped at what `max_num_seqs` sequences of `max_model_len` tokens can use;
+- media are encoded one item at a time from the processor outputs of their prompt (`MediaPayload`), with
+  the family's own per-item hook when it has one, so the engine's encoder cache keys each item by its hash;
+- positions (M-RoPE or 1-D) come from `get_position_ids` on the single request, once, at admission;
+- a step is one forward over all new tokens of all sequences (`[1, T]`): token embeddings, media rows
+  scattered in, `forward_text` with the paged metadata, logits of the sampled rows only.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ocula.engine.config import EngineConfig
-from ocula.engine.paged_attention import PagedAttentionMetadata
+from ocula.engine.paged_attention import PagedAttentionMetadata, PagedKVCache
 from ocula.engine.request import MediaItem, Request, Sequence
+from ocula.errors import PlaceholderMismatchError, UnsupportedFeatureError
 
 
 @dataclass
@@ -166,3 +181,197 @@ def media_rows(batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor] | Non
         indices.append(torch.arange(sl.token_index, sl.token_index + sl.row_end - sl.row_start))
         rows.append(batch.media_features[sl.item.hash][sl.row_start:sl.row_end])
     return torch.cat(indices), torch.cat(rows)
+
+
+# ------------------------------------------------------------------------------------------ real runner
+
+
+@dataclass(frozen=True)
+class MediaPayload:
+    """What an engine `MediaItem` carries for `TorchModelRunner`: its prompt's processor outputs and its entry
+    in the processor's media report (`ocula.processing_utils.MediaItem`: modality, index, rows, grid)."""
+
+    features: Mapping[str, Any]   # the prompt's processor outputs (shared by all its items)
+    item: Any                     # the processor's report entry for this item
+
+
+class TorchModelRunner(ModelRunner):
+    """Runs an ocula model through the model contract of docs/architecture.md on one device."""
+
+    def __init__(self, model: Any, processor: Any = None):
+        self.model = model
+        self.processor = processor
+        probe = model.new_kv_cache(1, 1)  # [layers, 1, kv_heads, 1, head_dim]: the pool's shape and dtype
+        self.num_layers, _, self.num_kv_heads, _, self.head_dim = probe.k.shape
+        self.kv_dtype, self.device = probe.k.dtype, probe.k.device
+        self.kv: PagedKVCache | None = None
+
+    # ---- KV pool ---------------------------------------------------------------------------------
+
+    def init_kv_cache(self, config: EngineConfig) -> int:
+        per_block = 2 * self.num_layers * config.block_size * self.num_kv_heads * self.head_dim
+        per_block *= torch.empty(0, dtype=self.kv_dtype).element_size()
+        num_blocks = config.kv_blocks_for_memory(_free_memory(self.device), per_block)
+        if config.num_kv_blocks is None:
+            useful = config.max_num_seqs * -(-config.max_model_len // config.block_size)
+            num_blocks = min(num_blocks, useful)  # more blocks than this could only ever hold stale prefixes
+        shape = (self.num_layers, num_blocks, config.block_size, self.num_kv_heads, self.head_dim)
+        self.kv = PagedKVCache(*shape, dtype=self.kv_dtype, device=self.device)
+        return num_blocks
+
+    # ---- media -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_media(self, items: list[MediaItem]) -> list[torch.Tensor]:
+        """Features per item. Items without a family hook are packed along dim 0 into one vision call per
+        modality (their rows and grids concatenate); hooked items are encoded one by one."""
+        out: dict[int, torch.Tensor] = {}
+        packed: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            if self._has_hook:
+                out[index] = self._features(self.item_inputs(_payload(item)), item)
+            else:
+                packed.setdefault(_payload(item).item.modality, []).append(index)
+        for indices in packed.values():
+            out.update(self._encode_packed([items[i] for i in indices], indices))
+        return [out[i] for i in range(len(items))]
+
+    def _encode_packed(self, items: list[MediaItem], indices: list[int]) -> dict[int, torch.Tensor]:
+        inputs = [sliced_item_inputs(_payload(item).features, _payload(item).item) for item in items]
+        if len(items) == 1 or any(set(x) != set(inputs[0]) for x in inputs):
+            return {i: self._features(x, item) for i, x, item in zip(indices, inputs, items)}
+        merged = {key: torch.cat([x[key] for x in inputs]) for key in inputs[0]}
+        rows = self._features(merged, items[0], expected=sum(item.length for item in items))
+        return dict(zip(indices, rows.split([item.length for item in items])))
+
+    def _features(self, inputs: dict[str, Any], item: MediaItem, expected: int | None = None) -> torch.Tensor:
+        inputs = {key: self._to_device(value) for key, value in inputs.items()}
+        features = self.model.get_media_features(**inputs)  # {placeholder id: [n_tokens, hidden]}
+        token_id = getattr(_payload(item).item, "token_id", None)
+        if token_id in features:
+            rows = features[token_id]
+        elif len(features) == 1:
+            rows = next(iter(features.values()))
+        else:
+            raise PlaceholderMismatchError(
+                f"encoding media item {item.hash[:12]} gave features for token ids {sorted(features)}; "
+                "expected exactly one placeholder id: the processor report and the model disagree"
+            )
+        if expected is not None and rows.shape[0] != expected:
+            raise PlaceholderMismatchError(
+                f"packed media items expect {expected} feature rows in all but the model gave {rows.shape[0]}"
+            )
+        return rows
+
+    @property
+    def _has_hook(self) -> bool:
+        return hasattr(self.processor, "media_inputs") or hasattr(self.model, "item_inputs")
+
+    def item_inputs(self, payload: MediaPayload) -> dict[str, Any]:
+        """The `get_media_features` arguments that encode only this item (its family's hook if it has one)."""
+        hook = getattr(self.processor, "media_inputs", None)
+        if hook is not None:
+            return hook(payload.features, payload.item)
+        hook = getattr(self.model, "item_inputs", None)
+        if hook is not None:
+            return hook(payload.features, payload.item.modality, payload.item.index)
+        return sliced_item_inputs(payload.features, payload.item)
+
+    def _to_device(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        dtype = self.kv_dtype if value.is_floating_point() else None  # pixels in the model's dtype
+        return value.to(self.device, dtype=dtype)
+
+    # ---- positions -------------------------------------------------------------------------------
+
+    def init_positions(self, request: Request) -> tuple[torch.Tensor | None, int]:
+        """M-RoPE ([3, P] positions, delta) from the model for this request alone; (None, 0) for 1-D RoPE."""
+        ids = torch.tensor(request.prompt_token_ids, dtype=torch.long)[None]  # [1, P]
+        features = _prompt_features(request)
+        extra = {k: v for k, v in features.items() if k not in ("input_ids", "attention_mask")}
+        positions, delta = self.model.get_position_ids(ids, None, **extra)
+        delta = int(torch.as_tensor(delta).reshape(-1)[0])
+        if positions.dim() == 3:
+            return positions[:, 0].cpu(), delta  # [3, P]
+        if delta != 0 or not torch.equal(positions[0].cpu(), torch.arange(ids.shape[1])):
+            raise UnsupportedFeatureError(
+                "the model's 1-D positions are not 0..P-1 for an unpadded prompt; the engine carries only "
+                "index positions for 1-D RoPE models"
+            )
+        return None, 0
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        self.kv.copy_blocks(batch.block_copies)
+        attn = self._device_metadata(batch.attn)
+        ids = batch.input_ids.to(self.device)
+        embeds = self.model.embed_inputs(ids[None], None)  # [1, T, hidden]
+        media = media_rows(batch)
+        if media is not None:
+            index, rows = media
+            embeds[0, index.to(self.device)] = rows.to(self.device, embeds.dtype)
+        positions = batch.positions.to(self.device)
+        positions = positions[None] if positions.dim() == 1 else positions[:, None]  # [1, T] or [3, 1, T]
+        hidden = self.model.forward_text(embeds, positions, attn)  # [1, T, hidden]
+        rows = hidden[0, batch.sample_indices.to(self.device)]  # [S, hidden]: logits of sampled rows only
+        return self.model.compute_logits(rows).float()  # [S, V]
+
+    def _device_metadata(self, attn: PagedAttentionMetadata) -> PagedAttentionMetadata:
+        dev = self.device
+        return PagedAttentionMetadata(
+            slot_mapping=attn.slot_mapping.to(dev), block_tables=attn.block_tables.to(dev),
+            context_lens=attn.context_lens, query_start_loc=attn.query_start_loc, cache=self.kv,
+        )  # lengths stay on the CPU: the attention plan reads them once per step
+
+
+def sliced_item_inputs(features: Mapping[str, Any], item: Any) -> dict[str, Any]:
+    """Default per-item inputs: the item's rows of its packed pixel tensor, plus its grid.
+
+    Fits processors whose pixels are packed along dim 0 with `rows` per item (patches or tiles); the grid is
+    the item's row of `<modality>_grid_thw` when the outputs have one, else the report's own `grid_thw` as
+    `grids` (what a tiling model takes to return the features of the item's whole placeholder span).
+    """
+    key = "pixel_values" if item.modality == "image" else "pixel_values_videos"
+    start, end = item.rows
+    inputs = {key: torch.as_tensor(features[key])[start:end]}
+    grid_key = f"{item.modality}_grid_thw"
+    if features.get(grid_key) is not None:
+        inputs[grid_key] = torch.as_tensor(features[grid_key])[item.index : item.index + 1]
+    elif item.grid_thw:
+        inputs["grids"] = torch.tensor([item.grid_thw], dtype=torch.long)
+    return inputs
+
+
+def _payload(item: MediaItem) -> MediaPayload:
+    if not isinstance(item.payload, MediaPayload):
+        raise PlaceholderMismatchError(
+            f"media item {item.hash[:12]} carries no processor outputs; build engine media items with "
+            "ocula.engine.llm.engine_media_items(processor.process(...))"
+        )
+    return item.payload
+
+
+def _prompt_features(request: Request) -> Mapping[str, Any]:
+    """The processor outputs of the request's prompt (grids, token types), or {} for a text-only prompt."""
+    for item in request.media:
+        if isinstance(item.payload, MediaPayload):
+            return item.payload.features
+    return {}
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes the KV pool may draw from: the accelerator's free memory, or a quarter of the host's available
+    memory on CPU (the host also holds the weights, activations and every other process)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4

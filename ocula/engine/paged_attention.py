@@ -1,19 +1,22 @@
-"""Reference paged attention in plain torch: a KV block pool, slot mapping and per-sequence block tables.
+"""Paged attention in plain torch: a KV block pool, slot mapping and per-sequence block tables.
 
 The model's attention layers dispatch here when they receive a `PagedAttentionMetadata` (the engine path)
-instead of a `DenseAttentionMetadata` (the library path); both must give the same numbers.
+instead of a `DenseAttentionMetadata` (the library path); both give the same numbers.
 
 Notable features:
 - one call covers a mixed batch: prefill chunks on top of cached context and one-token decodes;
+- all one-token decodes of a step run as ONE batched SDPA call per layer (keys gathered through the block
+  tables into [B, L], a key-length mask), and each prefill chunk as one call on its own: the Python work
+  per layer does not grow with the number of decoding sequences;
+- the gather indices and masks are planned once per step (cached on the metadata), not once per layer;
 - GQA (query heads grouped over KV heads), causal masking by absolute position, optional sliding window
   (a query at position q sees keys k with q - window < k <= q, as transformers' sliding masks);
 - optional logit soft-capping (tanh), scale given by the caller.
-A loop over sequences keeps it obviously correct; fused kernels can replace it behind the same metadata.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +47,77 @@ class PagedKVCache:
 
 
 @dataclass
+class _Group:
+    """Sequences attended in one SDPA call: all one-token decodes together, or one prefill chunk."""
+
+    rows: torch.Tensor          # [G * Q] long: rows of the flattened batch, sequence-major
+    num_seqs: int               # G
+    num_q: int                  # Q new tokens per sequence (1 for the decode group)
+    key_slots: torch.Tensor     # [G, L] long: pool slot of each key (padding points at slot 0, masked)
+    context_lens: list[int]     # [G] keys per sequence
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [G, 1, Q, L]
+
+
+@dataclass
 class PagedAttentionMetadata:
     slot_mapping: torch.Tensor      # [T] long: block_id * block_size + offset where each new token's KV goes
     block_tables: torch.Tensor      # [B, max_blocks] long, padded with 0 past each sequence's blocks
     context_lens: torch.Tensor      # [B] long: tokens with KV after this step (cached + new)
     query_start_loc: torch.Tensor   # [B + 1] long: sequence b's new tokens are rows [qsl[b], qsl[b + 1])
     cache: PagedKVCache | None = None  # set by the model runner that owns the pool
+    _groups: list[_Group] | None = field(default=None, repr=False)  # planned once per step
 
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+    def groups(self, block_size: int) -> list[_Group]:
+        if self._groups is None:
+            self._groups = _plan(self, block_size)
+        return self._groups
+
+
+def _plan(meta: PagedAttentionMetadata, block_size: int) -> list[_Group]:
+    qsl, ctxs = meta.query_start_loc.tolist(), meta.context_lens.tolist()
+    device = meta.slot_mapping.device
+    decodes = [b for b in range(len(ctxs)) if qsl[b + 1] - qsl[b] == 1]
+    prefills = [b for b in range(len(ctxs)) if qsl[b + 1] - qsl[b] > 1]
+    groups = [_group(meta, [b], qsl[b + 1] - qsl[b], block_size, device) for b in prefills]
+    if decodes:
+        groups.append(_group(meta, decodes, 1, block_size, device))
+    return groups
+
+
+def _group(meta: PagedAttentionMetadata, seqs: list[int], num_q: int, block_size: int, device) -> _Group:
+    qsl = meta.query_start_loc.tolist()
+    ctxs = [int(meta.context_lens[b]) for b in seqs]
+    keys = torch.arange(max(ctxs), device=device)  # [L]
+    tables = meta.block_tables[seqs].to(device)  # [G, max_blocks]
+    slots = tables[:, keys // block_size] * block_size + keys % block_size  # [G, L]
+    rows = torch.cat([torch.arange(qsl[b], qsl[b] + num_q) for b in seqs]).to(device)
+    return _Group(rows, len(seqs), num_q, slots, ctxs)
+
+
+def _group_mask(group: _Group, window: int | None) -> torch.Tensor | None:
+    """[G, 1, Q, L] bool, True = attend; None when plain causal attention over equal lengths is exact."""
+    if window not in group.masks:
+        group.masks[window] = _build_mask(group, window)
+    return group.masks[window]
+
+
+def _build_mask(group: _Group, window: int | None) -> torch.Tensor | None:
+    device = group.key_slots.device
+    longest = group.key_slots.shape[1]
+    same_len = all(c == longest for c in group.context_lens)
+    if same_len and window is None and (group.num_q == 1 or group.num_q == longest):
+        return None  # decode over full contexts, or a whole prompt (is_causal)
+    ctx = torch.tensor(group.context_lens, device=device)[:, None, None]  # [G, 1, 1]
+    q_pos = ctx - group.num_q + torch.arange(group.num_q, device=device)[None, :, None]  # [G, Q, 1]
+    k_pos = torch.arange(longest, device=device)[None, None, :]  # [1, 1, L]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask[:, None]  # [G, 1, Q, L]
 
 
 def write_kv(cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -80,47 +144,41 @@ def paged_attention(
     """
     cache = meta.cache
     write_kv(cache, layer, k, v, meta.slot_mapping)
+    pool_k = cache.k[layer].flatten(0, 1)  # [num_blocks * bs, Hkv, D]
+    pool_v = cache.v[layer].flatten(0, 1)
+    groups = meta.groups(cache.block_size)
+    if len(groups) == 1 and groups[0].rows.shape[0] == q.shape[0]:
+        return _attend_group(q, pool_k, pool_v, groups[0], scale, sliding_window, softcap)  # rows in order
     out = torch.empty_like(q)
-    qsl = meta.query_start_loc.tolist()
-    for b, ctx in enumerate(meta.context_lens.tolist()):
-        lo, hi = qsl[b], qsl[b + 1]
-        if hi == lo:
-            continue
-        keys, values = _gather(cache, layer, meta.block_tables[b], ctx)  # [ctx, Hkv, D]
-        mask = _mask(hi - lo, ctx, sliding_window, q.device)
-        out[lo:hi] = _attend(q[lo:hi], keys, values, mask, scale, softcap)
+    for group in groups:
+        out[group.rows] = _attend_group(q[group.rows], pool_k, pool_v, group, scale, sliding_window, softcap)
     return out
 
 
-def _gather(cache: PagedKVCache, layer: int, table: torch.Tensor, ctx: int) -> tuple[torch.Tensor, ...]:
-    n_blocks = -(-ctx // cache.block_size)
-    blocks = table[:n_blocks]
-    keys = cache.k[layer, blocks].flatten(0, 1)[:ctx]  # [n_blocks, bs, Hkv, D] -> [ctx, Hkv, D]
-    values = cache.v[layer, blocks].flatten(0, 1)[:ctx]
-    return keys, values
-
-
-def _mask(num_q: int, ctx: int, window: int | None, device) -> torch.Tensor:
-    """[num_q, ctx] bool, True = attend. The new tokens are the last num_q of the context."""
-    q_pos = torch.arange(ctx - num_q, ctx, device=device)[:, None]
-    k_pos = torch.arange(ctx, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= k_pos > q_pos - window
-    return mask
-
-
-def _attend(q, keys, values, mask, scale: float, softcap: float | None) -> torch.Tensor:
-    groups = q.shape[1] // keys.shape[1]
-    q = q.transpose(0, 1)                                          # [Hq, n, D]
-    keys = keys.transpose(0, 1).repeat_interleave(groups, dim=0)   # [Hkv, ctx, D] -> [Hq, ctx, D]
-    values = values.transpose(0, 1).repeat_interleave(groups, dim=0)
+def _attend_group(q, pool_k, pool_v, group: _Group, scale: float, window: int | None, softcap: float | None):
+    """q [G * Q, Hq, D] -> [G * Q, Hq, D] over the group's gathered keys."""
+    g, nq = group.num_seqs, group.num_q
+    qh = q.view(g, nq, *q.shape[1:]).transpose(1, 2)  # [G, Hq, Q, D]
+    keys = pool_k[group.key_slots].transpose(1, 2).to(q.dtype)  # [G, L, Hkv, D] -> [G, Hkv, L, D]
+    values = pool_v[group.key_slots].transpose(1, 2).to(q.dtype)
+    mask = _group_mask(group, window)
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                             scale=scale)
-        return out.transpose(0, 1)
-    scores = (q @ keys.to(q.dtype).transpose(1, 2)) * scale        # [Hq, n, ctx]
+        causal = mask is None and nq > 1
+        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
+                                             enable_gqa=qh.shape[1] != keys.shape[1])  # [G, Hq, Q, D]
+    else:
+        out = _softcapped(qh, keys, values, mask, scale, softcap)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def _softcapped(q, keys, values, mask, scale: float, softcap: float) -> torch.Tensor:
+    groups = q.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(groups, dim=1)  # [G, Hq, L, D]
+    values = values.repeat_interleave(groups, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * scale  # [G, Hq, Q, L]
     scores = softcap * torch.tanh(scores / softcap)
+    if mask is None:
+        nq, length = scores.shape[-2:]
+        mask = torch.ones(nq, length, dtype=torch.bool, device=q.device).tril(length - nq)
     scores = scores.masked_fill(~mask, float("-inf"))
-    out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values.to(q.dtype)
-    return out.transpose(0, 1)
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ values

@@ -1,5 +1,14 @@
-"""Per-sequence sampling from one row of logits: repetition penalty, temperature, top-k, top-p, seeded
-generators, and log-probabilities of the raw model distribution (before any processing, as vLLM).
+"""Sampling for one engine step: every sampled sequence's row of logits in one batched call.
+
+Notable features:
+- token selection is the library's `ocula.layers.sampler.select_tokens`, so the engine applies the same
+  processors in the same order and arithmetic as transformers' `generate()` (repetition penalty ->
+  temperature -> top-k -> top-p -> softmax -> multinomial): greedy tokens, and seeded samples of a
+  request with `seed=s`, equal `model.generate(..., seed=s)`;
+- per-row parameters (each request its own temperature, top-k, top-p, penalty) and per-row generators
+  (sequence i of a seeded request draws from seed + i; unseeded rows from torch's global generator);
+- `banned` ids (EOS and stop ids before `min_tokens`) get no probability, as vLLM;
+- log-probabilities are those of the raw model distribution (before any processing, as vLLM).
 """
 
 from __future__ import annotations
@@ -7,57 +16,69 @@ from __future__ import annotations
 import torch
 
 from ocula.engine.request import Sequence
+from ocula.layers.sampler import SamplingTensors, select_tokens
+
+
+def sample_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], banned: list[list[int]]
+) -> list[tuple[int, dict[int, float] | None]]:
+    """Next token (and logprobs entry when asked) of each sequence from its logits row [N, V]."""
+    generators = [s.generator for s in seqs]
+    seeded = any(g is not None for g in generators)
+    if seeded and logits.device.type != "cpu":
+        logits = logits.cpu()  # per-request generators are CPU generators (seeded draws equal on any device)
+    logits = logits.float()
+    want_logprobs = [s.request.params.logprobs is not None for s in seqs]
+    raw = torch.log_softmax(logits, -1) if any(want_logprobs) else None
+    scores = _ban(logits, banned)
+    params = SamplingTensors.from_rows([_row(s) for s in seqs], device=logits.device)
+    seen = _seen(seqs, logits.shape[1], logits.device) if params.needs_seen_mask else None
+    tokens, _ = select_tokens(scores, params, seen, generators if seeded else None)
+    out = []
+    for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        entry = _logprobs_entry(raw[i], token, seq.request.params.logprobs) if want_logprobs[i] else None
+        out.append((token, entry))
+    return out
 
 
 def sample_token(
     logits: torch.Tensor, seq: Sequence, banned: list[int] = ()
 ) -> tuple[int, dict[int, float] | None]:
-    """Pick the next token of `seq` from logits [V]; also return its logprobs entry when asked.
+    """One sequence: `sample_tokens` on a single row [V]."""
+    return sample_tokens(logits[None], [seq], [list(banned)])[0]
 
-    `banned` ids get no probability (EOS and stop ids before `min_tokens`, as vLLM).
-    """
+
+def _row(seq: Sequence) -> dict:
     params = seq.request.params
-    logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, -1)
-    logits = _apply_repetition_penalty(logits, seq.token_ids, params.repetition_penalty)
-    if banned:
-        logits = logits.index_fill(0, torch.tensor(list(banned), dtype=torch.long), float("-inf"))
-    if params.greedy:
-        token = int(logits.argmax())
-    else:
-        probs = _filtered_probs(logits / params.temperature, params.top_k, params.top_p)
-        token = int(torch.multinomial(probs, 1, generator=seq.generator))
-    return token, _logprobs_entry(raw_logprobs, token, params.logprobs)
+    return {
+        "do_sample": not params.greedy,
+        "temperature": params.temperature if not params.greedy else 1.0,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "repetition_penalty": params.repetition_penalty,
+    }
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
-    """CTRL-style penalty, as transformers: scores < 0 are multiplied by it, others divided."""
-    if penalty == 1.0 or not token_ids:
+def _ban(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
+    if not any(banned):
         return logits
-    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
-    ids = ids[ids < logits.shape[0]]
-    picked = logits[ids]
     logits = logits.clone()
-    logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    for row, ids in enumerate(banned):
+        if ids:
+            logits[row, torch.tensor(ids, dtype=torch.long, device=logits.device)] = float("-inf")
     return logits
 
 
-def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if 0 < top_k < logits.shape[0]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already exceeds top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits.softmax(-1)
+def _seen(seqs: list[Sequence], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[N, V] bool: the ids each sequence holds (prompt + output), for the repetition penalty."""
+    seen = torch.zeros(len(seqs), vocab_size + 1, dtype=torch.bool, device=device)
+    for row, seq in enumerate(seqs):
+        ids = torch.tensor(seq.token_ids, dtype=torch.long, device=device).clamp(max=vocab_size)
+        seen[row, ids] = True  # ids beyond the lm_head vocab land in the dropped extra column
+    return seen[:, :vocab_size]
 
 
-def _logprobs_entry(logprobs: torch.Tensor, token: int, k: int | None) -> dict[int, float] | None:
-    if k is None:
-        return None
+def _logprobs_entry(logprobs: torch.Tensor, token: int, k: int) -> dict[int, float]:
     entry = {token: float(logprobs[token])}
     if k > 0:
         values, ids = torch.topk(logprobs, k)

@@ -4,25 +4,46 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from ocula.engine.model_runner import gather_media_features, media_rows
-from ocula.engine.request import MediaItem
-from ocula.engine.sampler import _filtered_probs
+from ocula.engine.request import MediaItem, Request, Sequence
+from ocula.engine.sampler import sample_tokens
+from ocula.engine.sampling_params import SamplingParams
 from ocula.engine.testing import FakeModelRunner
 
 from .helpers import TOK, greedy, make_engine, run_all
 
 
-def test_top_k_top_p_keep_the_same_tokens_as_transformers():
+def _seq(i, **params):
+    request = Request(f"r{i}", [1, 2, 3], SamplingParams(**params), max_tokens=4)
+    seq = Sequence(i, request, 0, [1, 2, 3])
+    request.sequences.append(seq)
+    return seq
+
+
+def test_engine_sampling_follows_transformers_processors_and_seeds():
+    """Per-row settings in one call; each seeded row equals transformers' warpers + multinomial with that
+    seed, including the top-p boundary (the tail whose mass is <= 1 - p is dropped)."""
     g = torch.Generator().manual_seed(3)
-    for top_k, top_p in [(5, 1.0), (0, 0.7), (12, 0.5), (0, 0.05)]:
-        logits = torch.randn(50, generator=g) * 2
-        probs = _filtered_probs(logits, top_k, top_p)
-        ref = logits[None]
+    settings = [(5, 1.0), (0, 0.7), (12, 0.5), (0, 0.05)]
+    logits = torch.randn(len(settings), 50, generator=g) * 2
+    seqs = [_seq(i, temperature=0.8, top_k=k, top_p=p, seed=10 + i) for i, (k, p) in enumerate(settings)]
+    got = [token for token, _ in sample_tokens(logits, seqs, [[]] * len(seqs))]
+    for row, (top_k, top_p) in enumerate(settings):
+        ref = logits[row : row + 1] / 0.8
         if top_k:
             ref = TopKLogitsWarper(top_k)(None, ref)
         if top_p < 1.0:
             ref = TopPLogitsWarper(top_p)(None, ref)
-        assert torch.equal(probs > 0, torch.isfinite(ref[0]))
-        torch.testing.assert_close(probs, ref[0].softmax(-1))
+        want = torch.multinomial(ref.softmax(-1), 1, generator=torch.Generator().manual_seed(10 + row))
+        assert got[row] == int(want)
+
+
+def test_greedy_banned_and_logprobs_rows():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]])
+    seqs = [_seq(0, temperature=0.0, logprobs=1), _seq(1, temperature=0.0)]
+    (t0, lp0), (t1, lp1) = sample_tokens(logits, seqs, [[1], []])
+    assert (t0, t1) == (2, 0) and lp1 is None
+    raw = torch.log_softmax(logits[0], -1)
+    assert lp0 == {2: float(raw[2]), 1: float(raw[1])}  # raw logprobs: the sampled id and the top 1
 
 
 class MRopeRunner(FakeModelRunner):

@@ -81,6 +81,16 @@ def test_image_larger_than_budget_is_split_and_encoded_once():
     _check_reference(runner, final["a"], PROMPT[:30], media, max_tokens=3)
 
 
+def test_image_larger_than_the_encoder_cache_is_still_encoded_once_across_chunks():
+    engine, runner = make_engine(budget=8, encoder_cache_tokens=10)  # the 20-row image never fits the cache
+    media = [image("big", 3, 20)]
+    engine.add_request("a", PROMPT[:30], greedy(3), media=media)
+    final = run_all(engine)
+    assert runner.encoded == ["hash-big"] and len(engine.encoder_cache) == 0
+    assert not engine._pinned  # released once its last rows ran
+    _check_reference(runner, final["a"], PROMPT[:30], media, max_tokens=3)
+
+
 def test_prefix_cache_hits_for_same_image_misses_for_another():
     engine, runner = make_engine()
     prompt = PROMPT[:20]

@@ -44,6 +44,13 @@ class BaseConfig:
         return cls(**known, extra=extra)
 
     @classmethod
+    def coerce(cls, value: Any) -> BaseConfig:
+        """A nested config (`text_config`, ...): an instance as it is, a dict parsed, None the defaults.
+
+        A `model_type` inside is ignored (hub remote-code configs put the parent's there)."""
+        return value if isinstance(value, cls) else cls.from_dict(dict(value or {}))
+
+    @classmethod
     def _apply_renames(cls, data: dict[str, Any]) -> dict[str, Any]:
         for old, new in cls.renames.items():
             if old in data:

@@ -9,7 +9,7 @@ Notable features:
 - rescale + normalise is one table lookup: every uint8 value maps to the exact float32 the reference computes
   (`normalize_table` reproduces both transformers' unfused NumPy path and its fused torchvision path);
 - `ProcessorOptions`: processors are typed dataclasses built from their JSON config; unknown keys are kept in
-  `extra`, call-time overrides go through `replace`.
+  `extra`, call-time overrides go through `replace`; `ImageOptions` adds the rescale / normalise fields.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "IMAGENET_STANDARD_STD",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "ImageOptions",
     "ProcessorOptions",
     "flatten_images",
     "is_image",
@@ -101,6 +102,20 @@ class ProcessorOptions:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **{k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}}
+
+
+@dataclasses.dataclass
+class ImageOptions(ProcessorOptions):
+    """The resize / rescale / normalise options of transformers' image processors (CLIP defaults)."""
+
+    do_resize: bool = True
+    resample: int = 3  # PIL code; 3 = bicubic
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    do_convert_rgb: bool = True  # inputs always become RGB; kept for config round trips
 
 
 # -------------------------------------------------------------------------------------------- inputs

@@ -9,7 +9,10 @@ Notable features:
 - `device` / `device_map` ("auto", "cpu", "cuda", "cuda:1", an index, or a dict placing everything on one
   device); `attn_implementation` of any kind runs the SDPA path; `quantization_config` is refused;
 - `.generation_config` from generation_config.json, `.device`, `.dtype`, `num_parameters()`,
-  `tie_weights()`; `generate()` comes from `GenerationMixin`.
+  `tie_weights()`; `generate()` comes from `GenerationMixin`;
+- `TextContractMixin`: the text half of the model contract (`embed_inputs`, `get_position_ids` for 1-D
+  RoPE, `forward_text`, `compute_logits`, `new_kv_cache`) and the tail of a transformers-style `forward`
+  (media merge, positions, logits, loss), the same in every family; `scatter_features` checks the counts.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_utils import BaseConfig, dtype_name
-from .errors import ConfigError, UnsupportedFeatureError
+from .errors import ConfigError, PlaceholderMismatchError, UnsupportedFeatureError
 from .generation import GenerationConfig, GenerationMixin
+from .layers.attention import DenseAttentionMetadata, StaticKVCache
 from .loading import SafetensorsCheckpoint, load_weights, rename_key, resolve_checkpoint
 
 IGNORE_INDEX = -100
@@ -62,6 +66,42 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy in float32, mean over labels != -100 (transformers' ForCausalLMLoss)."""
     labels = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, S], shifted left
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def head_output(logits: torch.Tensor, labels: torch.Tensor | None) -> CausalLMOutput:
+    """logits [B, S, V] and, with `labels`, the shifted LM loss."""
+    return CausalLMOutput(logits=logits, loss=causal_lm_loss(logits, labels) if labels is not None else None)
+
+
+def scatter_features(
+    embeds: torch.Tensor, where: torch.Tensor, features: torch.Tensor, token_id: int, advice: str = ""
+) -> torch.Tensor:
+    """Write features [n, hidden] into the n positions of `where` [B, S] (row-major order)."""
+    n_tokens, n_features = int(where.sum()), features.shape[0]
+    if n_tokens != n_features:
+        raise PlaceholderMismatchError(
+            f"The text has {n_tokens} placeholder tokens (id {token_id}) but the media give {n_features} "
+            f"feature vectors. Use the processor's input_ids with the pixels of the same call{advice}."
+        )
+    return embeds.masked_scatter(where[..., None], features.to(embeds.dtype))
+
+
+def padded_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D positions [B, S] = cumsum(mask) - 1 (padding slots 1, as transformers) and delta [B] long."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    delta = mask.sum(-1) - input_ids.shape[1]  # -(left padding): cache index t decodes at t + delta
+    return positions, delta
+
+
+def plain_positions(embeds: torch.Tensor) -> torch.Tensor:
+    """[B, S] = 0..S-1 per row whatever the padding: what transformers' `forward` uses without positions."""
+    batch, seq = embeds.shape[:2]
+    return torch.arange(seq, device=embeds.device).expand(batch, seq)
 
 
 def resolve_dtype(dtype: Any, config: BaseConfig, ckpt: SafetensorsCheckpoint) -> torch.dtype:
@@ -210,6 +250,91 @@ class PreTrainedModel(GenerationMixin, nn.Module):
             for p in self.parameters()  # parameters() yields a tied tensor once
             if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in embeddings)
         )
+
+
+class TextContractMixin:
+    """The text half of the model contract (docs/architecture.md), the same in every family.
+
+    Needs the decoder (`Qwen2Model` / `MistralModel`: `embed_tokens`, `forward`, `new_kv_cache`) at
+    `decoder_path`, an `lm_head` and `get_media_features`. `merge_media` is the hook a family overrides
+    when its media rows go somewhere else than the placeholders of their key (Ovis2's indicator tokens).
+    """
+
+    decoder_path: ClassVar[str] = "model.language_model"
+    mismatch_advice: ClassVar[str] = ""  # appended to the placeholder-count error
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.get_submodule(self.decoder_path)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, media_features: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Token embeddings [B, S, hidden] with each placeholder replaced by its media feature."""
+        return self.merge_media(self.get_input_embeddings()(input_ids), input_ids, media_features or {})
+
+    def merge_media(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """embeds [B, S, hidden] with the rows of `features[id]` written over the tokens `id`."""
+        for token_id, values in features.items():
+            embeds = scatter_features(embeds, input_ids == token_id, values, token_id, self.mismatch_advice)
+        return embeds
+
+    def get_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **ignored
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-D RoPE: positions [B, S] = cumsum(mask) - 1 (padding slots 1) and delta [B] = -left padding."""
+        return padded_positions(input_ids, attention_mask)
+
+    def forward_text(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attn) -> torch.Tensor:
+        """Decoder over embeddings: [B, S, hidden] -> final-normed hidden states [B, S, hidden]."""
+        return self.decoder(inputs_embeds, position_ids, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None
+    ) -> StaticKVCache:
+        return self.decoder.new_kv_cache(batch_size, max_len, dtype, device)
+
+    # -- pieces of the transformers-style forward ---------------------------------------------------
+
+    def forward_embeddings(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, media: dict[str, Any]
+    ) -> torch.Tensor:
+        """input_ids or inputs_embeds [B, S, hidden] with the features of `media` (None values: no media)."""
+        if input_ids is None and inputs_embeds is None:
+            raise UnsupportedFeatureError("forward() needs input_ids or inputs_embeds: pass one of them.")
+        has_media = any(media.get(key) is not None for key in ("pixel_values", "pixel_values_videos"))
+        features = self.get_media_features(**media) if has_media else {}
+        if inputs_embeds is None:
+            return self.embed_inputs(input_ids, features)
+        if has_media and input_ids is None:
+            raise UnsupportedFeatureError(
+                "forward(inputs_embeds=..., pixel_values=...) without input_ids: pass input_ids too, so the "
+                "media placeholders can be located."
+            )
+        return self.merge_media(inputs_embeds, input_ids, features)
+
+    def lm_output(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        logits_to_keep: int | torch.Tensor,
+    ) -> CausalLMOutput:
+        """Decoder over the whole sequence (no cache) -> logits [B, S, V] (or the last kept) and the loss."""
+        if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
+            position_ids = plain_positions(embeds)
+        key_mask = attention_mask.bool() if attention_mask is not None else None
+        hidden = self.forward_text(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
+        return head_output(self.compute_logits(keep_last(hidden, logits_to_keep)), labels)
 
 
 def _check_options(attn_implementation: str | None, quantization_config: Any) -> None:

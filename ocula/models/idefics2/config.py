@@ -30,10 +30,6 @@ class Idefics2VisionConfig(SiglipVisionConfig):
 
     model_type = "idefics2_vision"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
     image_size: int = 224  # position embeddings cover (image_size / patch_size)^2 buckets
     patch_size: int = 32
     vision_use_head: bool = False  # Idefics2 has no pooling head
@@ -82,8 +78,8 @@ class Idefics2Config(BaseConfig):
         text = data.pop("text_config", None)
         if not isinstance(text, MistralConfig):
             text = MistralConfig.from_dict({**TEXT_DEFAULTS, **(text or {})})
-        vision = _sub_config(Idefics2VisionConfig, data.pop("vision_config", None))
-        perceiver = _sub_config(Idefics2PerceiverConfig, data.pop("perceiver_config", None))
+        vision = Idefics2VisionConfig.coerce(data.pop("vision_config", None))
+        perceiver = Idefics2PerceiverConfig.coerce(data.pop("perceiver_config", None))
         # pre-v5 saves may carry tie_word_embeddings in the text config only
         data["tie_word_embeddings"] = bool(data.get("tie_word_embeddings") or text.tie_word_embeddings)
         return super().from_dict(
@@ -94,11 +90,3 @@ class Idefics2Config(BaseConfig):
         text, perceiver = self.text_config, self.perceiver_config
         if perceiver.hidden_size != text.hidden_size:  # transformers' fix-up for hub configs
             perceiver.hidden_size, perceiver.rms_norm_eps = text.hidden_size, text.rms_norm_eps
-
-
-def _sub_config(cls: type[BaseConfig], value: Any) -> Any:
-    if isinstance(value, cls):
-        return value
-    data = dict(value or {})
-    data.pop("model_type", None)  # the hub's remote-code configs say "idefics2" here
-    return cls.from_dict(data)

@@ -27,11 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import PlaceholderMismatchError
-from ...layers.attention import DenseAttentionMetadata, StaticKVCache
-from ...layers.mlp import SwiGLUMLP, activation
+from ...layers.attention import DenseAttentionMetadata
+from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, causal_lm_loss, keep_last
+from ...modeling_utils import (
+    CausalLMOutput,
+    PreTrainedModel,
+    TextContractMixin,
+    head_output,
+    keep_last,
+    plain_positions,
+    scatter_features,
+)
 from ..text.mistral import MistralModel
 from .config import Idefics2Config, Idefics2PerceiverConfig
 from .vision import Idefics2VisionTransformer, patch_mask_from_pixels
@@ -39,18 +46,12 @@ from .vision import Idefics2VisionTransformer, patch_mask_from_pixels
 # ----------------------------------------------------------------------------------------------- connector
 
 
-class ProjectionMLP(nn.Module):
+class ProjectionMLP(SwiGLUMLP):
     """down_proj(act(gate_proj(x)) * up_proj(x)) with an output width of its own (the modality projection)."""
 
     def __init__(self, in_size: int, intermediate_size: int, out_size: int, hidden_act: str):
-        super().__init__()
-        self.gate_proj = nn.Linear(in_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(in_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, out_size, bias=False)
-        self.act_fn = activation(hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(in_size, intermediate_size, hidden_act)
+        self.down_proj = nn.Linear(intermediate_size, out_size, bias=False)  # [.., intermediate] -> [.., out]
 
 
 class PerceiverAttention(nn.Module):
@@ -139,6 +140,9 @@ class Idefics2Connector(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- model
 
+# the placeholder count depends on these processor options too
+ADVICE = " (the same do_image_splitting and image_seq_len)"
+
 
 @dataclass
 class Idefics2ModelOutput:
@@ -197,10 +201,9 @@ class Idefics2Model(nn.Module):
                 0, 1
             )  # [N * L, hidden]
             where = self._image_slots(input_ids, inputs_embeds)
-            inputs_embeds = scatter_features(inputs_embeds, where, images, self.config.image_token_id)
+            inputs_embeds = scatter_features(inputs_embeds, where, images, self.config.image_token_id, ADVICE)
         if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
-            batch, seq = inputs_embeds.shape[:2]
-            position_ids = torch.arange(seq, device=inputs_embeds.device).expand(batch, seq)
+            position_ids = plain_positions(inputs_embeds)
         key_mask = attention_mask.bool() if attention_mask is not None else None
         hidden = self.text_model(inputs_embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
         return Idefics2ModelOutput(last_hidden_state=hidden, image_hidden_states=images)
@@ -213,8 +216,10 @@ class Idefics2Model(nn.Module):
         return (inputs_embeds == image.to(inputs_embeds.dtype)).all(-1)
 
 
-class Idefics2ForConditionalGeneration(PreTrainedModel):
+class Idefics2ForConditionalGeneration(TextContractMixin, PreTrainedModel):
     config_class = Idefics2Config
+    decoder_path: ClassVar[str] = "model.text_model"
+    mismatch_advice: ClassVar[str] = ADVICE
     tied_weights: ClassVar[dict[str, str]] = {"lm_head.weight": "model.text_model.embed_tokens.weight"}
 
     def __init__(self, config: Idefics2Config):
@@ -226,16 +231,14 @@ class Idefics2ForConditionalGeneration(PreTrainedModel):
         if config.tie_word_embeddings:
             self.tie_weights()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.text_model.embed_tokens
-
     def get_image_features(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """[n_real_images, n_latents, hidden]: the features of every real image (crop), in order."""
         return self.model.get_image_features(pixel_values, pixel_attention_mask)
 
-    # -- the model contract (docs/architecture.md) --------------------------------------------------
+    # -- the model contract (docs/architecture.md); embed_inputs, forward_text, compute_logits and
+    # new_kv_cache come from TextContractMixin ------------------------------------------------------
 
     def get_media_features(
         self,
@@ -249,15 +252,6 @@ class Idefics2ForConditionalGeneration(PreTrainedModel):
         features = self.get_image_features(pixel_values, pixel_attention_mask)
         return {self.config.image_token_id: features.flatten(0, 1)}
 
-    def embed_inputs(
-        self, input_ids: torch.Tensor, media_features: dict[int, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Token embeddings [B, S, hidden] with each placeholder replaced by its media feature."""
-        embeds = self.get_input_embeddings()(input_ids)
-        for token_id, features in (media_features or {}).items():
-            embeds = scatter_features(embeds, input_ids == token_id, features, token_id)
-        return embeds
-
     def get_position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **ignored
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,18 +264,6 @@ class Idefics2ForConditionalGeneration(PreTrainedModel):
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' generate() rule
         # transformers continues decoding at the last position + 1
         return positions, positions[:, -1] + 1 - seq
-
-    def forward_text(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attn) -> torch.Tensor:
-        """Decoder over embeddings: [B, S, hidden] -> final-normed hidden states [B, S, hidden]."""
-        return self.model.text_model(inputs_embeds, position_ids, attn)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def new_kv_cache(
-        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None
-    ) -> StaticKVCache:
-        return self.model.text_model.new_kv_cache(batch_size, max_len, dtype, device)
 
     # -- transformers-style forward -----------------------------------------------------------------
 
@@ -300,18 +282,4 @@ class Idefics2ForConditionalGeneration(PreTrainedModel):
         """Logits [B, S, V] (or the last `logits_to_keep`) and, with `labels`, the shifted LM loss."""
         hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, pixel_values,
                             pixel_attention_mask).last_hidden_state  # fmt: skip
-        logits = self.compute_logits(keep_last(hidden, logits_to_keep))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
-
-
-def scatter_features(embeds: torch.Tensor, where: torch.Tensor, features: torch.Tensor, token_id: int):
-    """Write features [n, hidden] into the n positions of `where` [B, S] (row-major order)."""
-    n_tokens, n_features = int(where.sum()), features.shape[0]
-    if n_tokens != n_features:
-        raise PlaceholderMismatchError(
-            f"The text has {n_tokens} placeholder tokens (id {token_id}) but the images give {n_features} "
-            "feature vectors. Use the processor's input_ids with the pixels of the same call (the same "
-            "do_image_splitting and image_seq_len)."
-        )
-    return embeds.masked_scatter(where[..., None], features.to(embeds.dtype))
+        return head_output(self.compute_logits(keep_last(hidden, logits_to_keep)), labels)

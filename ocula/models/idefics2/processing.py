@@ -42,7 +42,7 @@ from ...errors import ConfigError, MediaError, PlaceholderMismatchError
 from ...image_processing_utils import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
-    ProcessorOptions,
+    ImageOptions,
     is_image,
     normalize_table,
     pil_resize,
@@ -99,18 +99,13 @@ def nest_images(images: Any) -> list[list[Any]]:
 
 
 @dataclasses.dataclass
-class Idefics2ImageProcessor(ProcessorOptions):
+class Idefics2ImageProcessor(ImageOptions):
     """Images -> `pixel_values` float32 [B, max_images, 3, H, W] and `pixel_attention_mask` int64."""
 
-    do_convert_rgb: bool = True  # inputs always become RGB; kept for config round trips
-    do_resize: bool = True
     size: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"shortest_edge": 378, "longest_edge": 980}
     )
     resample: int = 2  # PIL code; 2 = bilinear
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
     image_mean: tuple[float, ...] = IMAGENET_STANDARD_MEAN
     image_std: tuple[float, ...] = IMAGENET_STANDARD_STD
     do_pad: bool = True  # pad to the batch's largest image and image count (else every image must match)

@@ -60,13 +60,9 @@ class LlavaOnevisionConfig(BaseConfig):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlavaOnevisionConfig:
         data = cls._apply_renames(dict(data))
-        text = data.pop("text_config", None) or {}
-        text = text if isinstance(text, Qwen2Config) else Qwen2Config.from_dict(text)
+        text = Qwen2Config.coerce(data.pop("text_config", None))
         vision = data.pop("vision_config", None)
-        if not isinstance(vision, SiglipVisionConfig):
-            vision = (
-                SiglipVisionConfig.from_dict(vision) if vision is not None else SiglipVisionConfig(**SO400M)
-            )
+        vision = SiglipVisionConfig.coerce(vision) if vision is not None else SiglipVisionConfig(**SO400M)
         # pre-v5 saves may carry tie_word_embeddings in the text config only
         data["tie_word_embeddings"] = bool(data.get("tie_word_embeddings") or text.tie_word_embeddings)
         return super().from_dict({**data, "text_config": text, "vision_config": vision})

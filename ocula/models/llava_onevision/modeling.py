@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import MediaError, PlaceholderMismatchError, UnsupportedFeatureError
-from ...layers.attention import DenseAttentionMetadata, StaticKVCache
 from ...layers.mlp import activation
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, causal_lm_loss, keep_last
+from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin
 from ..text.qwen2 import Qwen2Model
 from ..vision.siglip import SiglipVisionTransformer
 from .config import LlavaOnevisionConfig
@@ -175,7 +174,7 @@ def anyres_flags(batch_num_images: Sequence[int] | None, num_images: int) -> lis
     return flags
 
 
-class LlavaOnevisionForConditionalGeneration(PreTrainedModel):
+class LlavaOnevisionForConditionalGeneration(TextContractMixin, PreTrainedModel):
     config_class = LlavaOnevisionConfig
     # weight names of hub checkpoints (and of transformers' own saves) -> transformers 5 module names
     checkpoint_rename: ClassVar[list[tuple[str, str]]] = [
@@ -195,10 +194,8 @@ class LlavaOnevisionForConditionalGeneration(PreTrainedModel):
         if config.tie_word_embeddings:
             self.tie_weights()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.language_model.embed_tokens
-
-    # -- the model contract (docs/architecture.md) --------------------------------------------------
+    # -- the model contract (docs/architecture.md); embed_inputs, get_position_ids (1-D), forward_text,
+    # compute_logits and new_kv_cache come from TextContractMixin ----------------------------------
 
     def get_media_features(
         self,
@@ -240,38 +237,6 @@ class LlavaOnevisionForConditionalGeneration(PreTrainedModel):
             "image_anyres": [anyres],
         }
 
-    def embed_inputs(
-        self, input_ids: torch.Tensor, media_features: dict[int, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Token embeddings [B, S, hidden] with each placeholder replaced by its media feature."""
-        embeds = self.get_input_embeddings()(input_ids)
-        for token_id, features in (media_features or {}).items():
-            embeds = _scatter_features(embeds, input_ids == token_id, features, token_id)
-        return embeds
-
-    def get_position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **ignored
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """1-D positions [B, S] = cumsum(mask) - 1 (padding slots 1, as transformers) and delta [B] long."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.long()
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        delta = mask.sum(-1) - input_ids.shape[1]  # -(left padding): cache index t decodes at t + delta
-        return positions, delta
-
-    def forward_text(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attn) -> torch.Tensor:
-        """Decoder over embeddings: [B, S, hidden] -> final-normed hidden states [B, S, hidden]."""
-        return self.model.language_model(inputs_embeds, position_ids, attn)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def new_kv_cache(
-        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None
-    ) -> StaticKVCache:
-        return self.model.language_model.new_kv_cache(batch_size, max_len, dtype, device)
-
     # -- transformers-style forward -----------------------------------------------------------------
 
     def forward(
@@ -295,37 +260,5 @@ class LlavaOnevisionForConditionalGeneration(PreTrainedModel):
             "batch_num_images": batch_num_images,
             "pixel_values_videos": pixel_values_videos,
         }
-        embeds = self._forward_embeddings(input_ids, inputs_embeds, media)
-        if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
-            batch, seq = embeds.shape[:2]
-            position_ids = torch.arange(seq, device=embeds.device).expand(batch, seq)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
-        hidden = self.forward_text(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
-        logits = self.compute_logits(keep_last(hidden, logits_to_keep))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
-
-    def _forward_embeddings(self, input_ids, inputs_embeds, media: dict) -> torch.Tensor:
-        has_media = media["pixel_values"] is not None or media["pixel_values_videos"] is not None
-        features = self.get_media_features(**media) if has_media else {}
-        if inputs_embeds is None:
-            return self.embed_inputs(input_ids, features)
-        if has_media and input_ids is None:
-            raise UnsupportedFeatureError(
-                "forward(inputs_embeds=..., pixel_values=...) without input_ids: pass input_ids too, so the "
-                "media placeholders can be located."
-            )
-        for token_id, values in features.items():
-            inputs_embeds = _scatter_features(inputs_embeds, input_ids == token_id, values, token_id)
-        return inputs_embeds
-
-
-def _scatter_features(embeds: torch.Tensor, where: torch.Tensor, features: torch.Tensor, token_id: int):
-    """Write features [n, hidden] into the n positions of `where` [B, S] (row-major order)."""
-    n_tokens, n_features = int(where.sum()), features.shape[0]
-    if n_tokens != n_features:
-        raise PlaceholderMismatchError(
-            f"The text has {n_tokens} placeholder tokens (id {token_id}) but the media give {n_features} "
-            "feature vectors. Use the processor's input_ids with the pixels of the same call."
-        )
-    return embeds.masked_scatter(where[..., None], features.to(embeds.dtype))
+        embeds = self.forward_embeddings(input_ids, inputs_embeds, media)
+        return self.lm_output(embeds, position_ids, attention_mask, labels, logits_to_keep)

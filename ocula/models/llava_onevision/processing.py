@@ -33,9 +33,7 @@ import torch
 from ...batch import BatchFeature
 from ...errors import ConfigError, MediaError, UnsupportedFeatureError
 from ...image_processing_utils import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ProcessorOptions,
+    ImageOptions,
     flatten_images,
     lookup,
     normalize_table,
@@ -43,9 +41,9 @@ from ...image_processing_utils import (
     to_rgb_array,
     torch_resize,
 )
-from ...media import load_video, uniform_indices
+from ...media import uniform_indices
 from ...processing_utils import ProcessorMixin
-from ..qwen2_vl.processing import Video, _frames_array, _metadata_list, flatten_videos
+from ...video_processing_utils import Video, VideoLoaderMixin
 
 __all__ = [
     "LlavaOnevisionImageProcessor",
@@ -154,18 +152,10 @@ def _group_sizes(images: Any) -> list[int]:
 
 
 @dataclasses.dataclass
-class _Options(ProcessorOptions):
-    """Options shared by the image and the video processor."""
+class _Options(ImageOptions):
+    """Options shared by the image and the video processor (CLIP rescale / normalise defaults)."""
 
-    do_resize: bool = True
     size: dict = dataclasses.field(default_factory=lambda: {"height": 384, "width": 384})  # the tile
-    resample: int = 3  # PIL code; 3 = bicubic
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-    do_convert_rgb: bool = True  # inputs always become RGB; kept for config round trips
 
     def options_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The effective options of a call (what a content hash must include)."""
@@ -278,7 +268,7 @@ def _pad_to_square(image: np.ndarray, color: tuple[int, ...]) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class LlavaOnevisionVideoProcessor(_Options):
+class LlavaOnevisionVideoProcessor(VideoLoaderMixin, _Options):
     """Videos -> `pixel_values_videos` float32 [num_videos, T, 3, S, S]."""
 
     do_sample_frames: bool = False  # transformers' default; apply_chat_template turns it on
@@ -292,52 +282,11 @@ class LlavaOnevisionVideoProcessor(_Options):
     def accepted_kwargs(cls) -> frozenset[str]:
         return cls.field_names() | {"video_metadata"}
 
-    def load(self, videos: Any, kwargs: dict[str, Any] | None = None) -> list[Video]:
-        """Decode every video and sample its frames as the call's options say."""
-        kwargs = dict(kwargs or {})
-        metadata = kwargs.pop("video_metadata", None)
-        options = self.replace(**kwargs)
-        flat = flatten_videos(videos)
-        metas = _metadata_list(metadata, len(flat))
-        return [options._load_one(video, metas[i] if metas else None) for i, video in enumerate(flat)]
-
-    def _load_one(self, video: Any, meta: dict[str, Any] | None) -> Video:
-        if isinstance(video, str):  # decode only the sampled frames, as transformers does
-            sample = (
-                (lambda m: self.sample_indices(m.total_num_frames, m.fps)) if self.do_sample_frames else None
-            )
-            frames, info = load_video(video, sample_indices_fn=sample)
-            return Video(frames, info.total_num_frames, info.fps, list(info.frames_indices))
-        if isinstance(video, (list, tuple)) and video and isinstance(video[0], str):
-            if self.do_sample_frames:
-                raise MediaError(
-                    "Frames given as image paths cannot be sampled: pass do_sample_frames=False."
-                )
-            frames = np.stack([to_rgb_array(f) for f in video])
-            return Video(frames, len(frames), None, list(range(len(frames))))
-        frames, meta = _frames_array(video), meta or {}
-        clip = Video(
-            frames,
-            int(meta.get("total_num_frames") or len(frames)),
-            meta.get("fps"),
-            list(range(len(frames))),
-        )
-        return self._sample(clip) if self.do_sample_frames else clip
-
     def sample_indices(self, total_num_frames: int, video_fps: float | None) -> list[int]:
         """transformers' default sampling: `num_frames` evenly spaced, or `fps` per second, or all."""
         return uniform_indices(
             total_num_frames, num_frames=self.num_frames, fps=self.fps, video_fps=video_fps
         ).tolist()
-
-    def _sample(self, clip: Video) -> Video:
-        indices = self.sample_indices(clip.total_num_frames, clip.fps)
-        if indices and max(indices) >= len(clip.frames):
-            raise MediaError(
-                f"The video says it has {clip.total_num_frames} frames but {len(clip.frames)} were "
-                "given: pass video_metadata with the right total_num_frames."
-            )
-        return Video(clip.frames[indices], clip.total_num_frames, clip.fps, indices)
 
     def run(self, videos: list[Video], return_tensors: str | None = "pt", **kwargs: Any) -> dict[str, Any]:
         """Resize and normalise decoded videos: [num_videos, T, 3, S, S]."""

@@ -85,10 +85,8 @@ class Ovis2Config(BaseConfig):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Ovis2Config:
         data = cls._apply_renames(dict(data))
-        text = data.pop("text_config", None) or {}
-        text = text if isinstance(text, Qwen2Config) else Qwen2Config.from_dict(text)
-        vision = data.pop("vision_config", None) or {}
-        vision = vision if isinstance(vision, Ovis2VisionConfig) else Ovis2VisionConfig.from_dict(vision)
+        text = Qwen2Config.coerce(data.pop("text_config", None))
+        vision = Ovis2VisionConfig.coerce(data.pop("vision_config", None))
         if "visual_indicator_token_ids" in data:
             data["visual_indicator_token_ids"] = list(data["visual_indicator_token_ids"])
         return super().from_dict({**data, "text_config": text, "vision_config": vision})

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import PlaceholderMismatchError, UnsupportedFeatureError
-from ...layers.attention import DenseAttentionMetadata, StaticKVCache
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, causal_lm_loss, keep_last
+from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin
 from ..text.qwen2 import Qwen2Model
 from ..vision.aimv2 import AIMv2VisionTransformer
 from .config import Ovis2Config, Ovis2VisionConfig
@@ -163,7 +162,7 @@ class Ovis2Model(nn.Module):
         return self.visual_embeddings_table.weight[self.visual_embeddings_table.num_embeddings - count :]
 
 
-class Ovis2ForConditionalGeneration(PreTrainedModel):
+class Ovis2ForConditionalGeneration(TextContractMixin, PreTrainedModel):
     config_class = Ovis2Config
     # older LLaVA-style names -> transformers 5 names (transformers 5.23 itself saves the latter)
     checkpoint_rename: ClassVar[list[tuple[str, str]]] = [
@@ -180,13 +179,11 @@ class Ovis2ForConditionalGeneration(PreTrainedModel):
         if config.tie_word_embeddings:
             self.tie_weights()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.language_model.embed_tokens
-
     def get_image_features(self, pixel_values: torch.Tensor, **ignored) -> Ovis2ImageFeatures:
         return self.model.get_image_features(pixel_values)
 
-    # -- the model contract (docs/architecture.md) --------------------------------------------------
+    # -- the model contract (docs/architecture.md); embed_inputs, get_position_ids (1-D), forward_text,
+    # compute_logits and new_kv_cache come from TextContractMixin, with `merge_media` overridden ----
 
     def get_media_features(
         self, pixel_values: torch.Tensor | None = None, grids: torch.Tensor | None = None, **ignored
@@ -220,14 +217,9 @@ class Ovis2ForConditionalGeneration(PreTrainedModel):
             )
         return torch.cat(pieces)
 
-    def embed_inputs(
-        self, input_ids: torch.Tensor, media_features: dict[int, torch.Tensor] | None = None
+    def merge_media(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, features: dict[int, torch.Tensor]
     ) -> torch.Tensor:
-        """Token embeddings [B, S, hidden] with the image features merged (see `_merge_media`)."""
-        embeds = self.get_input_embeddings()(input_ids)
-        return self._merge_media(embeds, input_ids, media_features or {})
-
-    def _merge_media(self, embeds, input_ids, features: dict[int, torch.Tensor]) -> torch.Tensor:
         """Atom rows fill the <IMG_ATOM> tokens and every indicator token takes its visual-table row (as
         transformers does when an image is given); span rows fill atoms and indicators in order."""
         values = self._image_rows(features)
@@ -261,29 +253,6 @@ class Ovis2ForConditionalGeneration(PreTrainedModel):
             )
         return features[keys[0]] if keys else None
 
-    def get_position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **ignored
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """1-D positions [B, S] = cumsum(mask) - 1 (padding slots 1, as transformers) and delta [B] long."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.long()
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        delta = mask.sum(-1) - input_ids.shape[1]  # -(left padding): cache index t decodes at t + delta
-        return positions, delta
-
-    def forward_text(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attn) -> torch.Tensor:
-        """Decoder over embeddings: [B, S, hidden] -> final-normed hidden states [B, S, hidden]."""
-        return self.model.language_model(inputs_embeds, position_ids, attn)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def new_kv_cache(
-        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None
-    ) -> StaticKVCache:
-        return self.model.language_model.new_kv_cache(batch_size, max_len, dtype, device)
-
     # -- transformers-style forward -----------------------------------------------------------------
 
     def forward(
@@ -298,25 +267,5 @@ class Ovis2ForConditionalGeneration(PreTrainedModel):
         **ignored,
     ) -> CausalLMOutput:
         """Logits [B, S, V] (or the last `logits_to_keep`) and, with `labels`, the shifted LM loss."""
-        embeds = self._forward_embeddings(input_ids, inputs_embeds, pixel_values)
-        if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
-            batch, seq = embeds.shape[:2]
-            position_ids = torch.arange(seq, device=embeds.device).expand(batch, seq)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
-        hidden = self.forward_text(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
-        logits = self.compute_logits(keep_last(hidden, logits_to_keep))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
-
-    def _forward_embeddings(self, input_ids, inputs_embeds, pixel_values) -> torch.Tensor:
-        if input_ids is None and inputs_embeds is None:
-            raise UnsupportedFeatureError("forward() needs input_ids or inputs_embeds: pass one of them.")
-        features = self.get_media_features(pixel_values)
-        if inputs_embeds is None:
-            return self.embed_inputs(input_ids, features)
-        if features and input_ids is None:
-            raise UnsupportedFeatureError(
-                "forward(inputs_embeds=..., pixel_values=...) without input_ids: pass input_ids too, so the "
-                "image placeholders can be located."
-            )
-        return self._merge_media(inputs_embeds, input_ids, features) if features else inputs_embeds
+        embeds = self.forward_embeddings(input_ids, inputs_embeds, {"pixel_values": pixel_values})
+        return self.lm_output(embeds, position_ids, attention_mask, labels, logits_to_keep)

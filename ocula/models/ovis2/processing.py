@@ -33,9 +33,7 @@ import torch
 from ...batch import BatchFeature
 from ...errors import MediaError
 from ...image_processing_utils import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ProcessorOptions,
+    ImageOptions,
     flatten_images,
     lookup,
     normalize_table,
@@ -141,18 +139,12 @@ def tile_grid(
 
 
 @dataclasses.dataclass
-class Ovis2ImageProcessor(ProcessorOptions):
-    """Images -> `pixel_values` float32 `[total_tiles, 3, H, W]` and `grids` int64 `[n, 2]` (rows, cols)."""
+class Ovis2ImageProcessor(ImageOptions):
+    """Images -> `pixel_values` float32 `[total_tiles, 3, H, W]` and `grids` int64 `[n, 2]` (rows, cols).
 
-    do_resize: bool = True
+    Resize / rescale / normalise options with CLIP defaults come from `ImageOptions`."""
+
     size: dict = dataclasses.field(default_factory=lambda: {"height": 384, "width": 384})  # the tile size
-    resample: int = 3  # PIL code; 3 = bicubic
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-    do_convert_rgb: bool = True  # inputs always become RGB; kept for config round trips
     crop_to_patches: bool = False  # tile the image (thumbnail first when more than one tile)
     min_patches: int = 1  # fewest tiles (closest-canvas grids only)
     max_patches: int = 12  # most tiles

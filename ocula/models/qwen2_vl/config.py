@@ -95,9 +95,8 @@ class Qwen2VLConfig(BaseConfig):
         text = data.pop("text_config", None)
         if text is None:  # hub layout: the text fields sit at the top level
             text = cls._pop_flat_text_fields(data)
-        text = text if isinstance(text, Qwen2VLTextConfig) else Qwen2VLTextConfig.from_dict(text)
-        vision = data.pop("vision_config", None) or {}
-        vision = vision if isinstance(vision, Qwen2VLVisionConfig) else Qwen2VLVisionConfig.from_dict(vision)
+        text = Qwen2VLTextConfig.coerce(text)
+        vision = Qwen2VLVisionConfig.coerce(data.pop("vision_config", None))
         # pre-v5 saves may carry tie_word_embeddings in the text config only
         data["tie_word_embeddings"] = bool(data.get("tie_word_embeddings") or text.tie_word_embeddings)
         return super().from_dict({**data, "text_config": text, "vision_config": vision})

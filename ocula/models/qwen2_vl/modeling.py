@@ -6,7 +6,7 @@ Notable features (in data-flow order):
   product, so it runs as `F.linear` on the flattened patches (same weight, same name);
 - vision blocks: LayerNorm -> fused qkv -> 2-D rotary (row / column halves) -> attention restricted to
   each image / video frame (one SDPA call per segment: no dense [N, N] mask, even for big images) ->
-  proj; LayerNorm -> fc1 -> QuickGELU (per config) -> fc2;
+  proj; LayerNorm -> fc1 -> QuickGELU (per config) -> fc2 (`vision/blocks.py`'s `ViTMLP`);
 - patch merger: ln_q, then each 2x2 window of patches (consecutive in the processor's order) -> MLP;
 - media features replace the `<|image_pad|>` / `<|video_pad|>` placeholders; a count mismatch raises
   `PlaceholderMismatchError` with both numbers;
@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import PlaceholderMismatchError, UnsupportedFeatureError
-from ...layers.attention import DenseAttentionMetadata, StaticKVCache
-from ...layers.mlp import activation
+from ...errors import PlaceholderMismatchError
 from ...layers.rotary import VisionRotaryEmbedding, apply_vision_rotary, vision_rows_cols
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, causal_lm_loss, keep_last
+from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin, plain_positions
 from ..text.qwen2 import Qwen2Model
+from ..vision.blocks import ViTMLP
 from .config import Qwen2VLConfig, Qwen2VLVisionConfig
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
@@ -74,25 +73,13 @@ class VisionAttention(nn.Module):
         return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 
-class VisionMlp(nn.Module):
-    def __init__(self, config: Qwen2VLVisionConfig):
-        super().__init__()
-        hidden = int(config.embed_dim * config.mlp_ratio)
-        self.fc1 = nn.Linear(config.embed_dim, hidden)
-        self.act = activation(config.hidden_act)
-        self.fc2 = nn.Linear(hidden, config.embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionBlock(nn.Module):
     def __init__(self, config: Qwen2VLVisionConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMlp(config)
+        self.mlp = ViTMLP(config.embed_dim, int(config.embed_dim * config.mlp_ratio), config.hidden_act)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: list[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, bounds)
@@ -216,7 +203,7 @@ class Qwen2VLModel(nn.Module):
         self.language_model = Qwen2Model(config.text_config)
 
 
-class Qwen2VLForConditionalGeneration(PreTrainedModel):
+class Qwen2VLForConditionalGeneration(TextContractMixin, PreTrainedModel):
     config_class = Qwen2VLConfig
     # pre-v5 hub weight names -> transformers 5 names
     checkpoint_rename: ClassVar[list[tuple[str, str]]] = [
@@ -233,10 +220,8 @@ class Qwen2VLForConditionalGeneration(PreTrainedModel):
         if config.tie_word_embeddings:
             self.tie_weights()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.language_model.embed_tokens
-
-    # -- the model contract (docs/architecture.md) --------------------------------------------------
+    # -- the model contract (docs/architecture.md); embed_inputs, forward_text, compute_logits and
+    # new_kv_cache come from TextContractMixin ------------------------------------------------------
 
     def get_media_features(
         self,
@@ -255,15 +240,6 @@ class Qwen2VLForConditionalGeneration(PreTrainedModel):
             features[self.config.video_token_id] = visual(pixel_values_videos, _required(video_grid_thw, "video"))
         return features
 
-    def embed_inputs(
-        self, input_ids: torch.Tensor, media_features: dict[int, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Token embeddings [B, S, hidden] with each placeholder replaced by its media feature."""
-        embeds = self.get_input_embeddings()(input_ids)
-        for token_id, features in (media_features or {}).items():
-            embeds = _scatter_features(embeds, input_ids == token_id, features, token_id)
-        return embeds
-
     def get_position_ids(
         self,
         input_ids: torch.Tensor,
@@ -277,18 +253,6 @@ class Qwen2VLForConditionalGeneration(PreTrainedModel):
         types = mm_token_type_ids if mm_token_type_ids is not None else self._token_types(input_ids)
         grids = {IMAGE: image_grid_thw, VIDEO: video_grid_thw}
         return mrope_positions(types, attention_mask, grids, self.config.vision_config.spatial_merge_size)
-
-    def forward_text(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attn) -> torch.Tensor:
-        """Decoder over embeddings: [B, S, hidden] -> final-normed hidden states [B, S, hidden]."""
-        return self.model.language_model(inputs_embeds, position_ids, attn)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def new_kv_cache(
-        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None
-    ) -> StaticKVCache:
-        return self.model.language_model.new_kv_cache(batch_size, max_len, dtype, device)
 
     # -- transformers-style forward -----------------------------------------------------------------
 
@@ -310,27 +274,10 @@ class Qwen2VLForConditionalGeneration(PreTrainedModel):
         """Logits [B, S, V] (or the last `logits_to_keep`) and, with `labels`, the shifted LM loss."""
         media = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
                  "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
-        embeds = self._forward_embeddings(input_ids, inputs_embeds, media)
+        embeds = self.forward_embeddings(input_ids, inputs_embeds, media)
         if position_ids is None:
             position_ids = self._forward_positions(input_ids, attention_mask, mm_token_type_ids, embeds, media)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
-        hidden = self.forward_text(embeds, _three_rows(position_ids), DenseAttentionMetadata(key_mask=key_mask))
-        logits = self.compute_logits(keep_last(hidden, logits_to_keep))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
-
-    def _forward_embeddings(self, input_ids, inputs_embeds, media: dict) -> torch.Tensor:
-        has_media = media["pixel_values"] is not None or media["pixel_values_videos"] is not None
-        if inputs_embeds is None:
-            return self.embed_inputs(input_ids, self.get_media_features(**media) if has_media else None)
-        if has_media and input_ids is None:
-            raise UnsupportedFeatureError(
-                "forward(inputs_embeds=..., pixel_values=...) without input_ids: pass input_ids too, so the "
-                "media placeholders can be located."
-            )
-        for token_id, features in (self.get_media_features(**media) if has_media else {}).items():
-            inputs_embeds = _scatter_features(inputs_embeds, input_ids == token_id, features, token_id)
-        return inputs_embeds
+        return self.lm_output(embeds, _three_rows(position_ids), attention_mask, labels, logits_to_keep)
 
     def _forward_positions(self, input_ids, attention_mask, mm_token_type_ids, embeds, media) -> torch.Tensor:
         has_grids = media["image_grid_thw"] is not None or media["video_grid_thw"] is not None
@@ -338,9 +285,8 @@ class Qwen2VLForConditionalGeneration(PreTrainedModel):
             return self.get_position_ids(input_ids, attention_mask, media["image_grid_thw"],
                                          media["video_grid_thw"], mm_token_type_ids)[0]
         # Text only: like transformers' forward, plain 0..S-1 whatever the padding (generate() passes
-        # padding-aware positions through get_position_ids instead).
-        batch, seq = embeds.shape[:2]
-        return torch.arange(seq, device=embeds.device).expand(3, batch, seq)
+        # padding-aware positions through get_position_ids instead); _three_rows makes it [3, B, S].
+        return plain_positions(embeds)
 
     def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(input_ids)
@@ -353,17 +299,6 @@ def _required(grid: torch.Tensor | None, name: str) -> torch.Tensor:
     if grid is None:
         raise PlaceholderMismatchError(f"{name} pixels were given without {name}_grid_thw: pass both.")
     return grid
-
-
-def _scatter_features(embeds: torch.Tensor, where: torch.Tensor, features: torch.Tensor, token_id: int):
-    """Write features [n, hidden] into the n positions of `where` [B, S] (row-major order)."""
-    n_tokens, n_features = int(where.sum()), features.shape[0]
-    if n_tokens != n_features:
-        raise PlaceholderMismatchError(
-            f"The text has {n_tokens} placeholder tokens (id {token_id}) but the media give {n_features} "
-            "feature vectors. Use the processor's input_ids with the pixels of the same call."
-        )
-    return embeds.masked_scatter(where[..., None], features.to(embeds.dtype))
 
 
 def _three_rows(position_ids: torch.Tensor) -> torch.Tensor:

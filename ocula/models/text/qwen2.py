@@ -3,7 +3,8 @@
 Notable features:
 - parameter names exactly as the checkpoints (`embed_tokens`, `layers.N.self_attn.{q,k,v,o}_proj`,
   `mlp.{gate,up,down}_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`);
-- q / k / v projections with bias, o_proj without (Qwen2); SwiGLU MLP; RMSNorm computed in float32;
+- q / k / v projections with bias, o_proj without (Qwen2; `qkv_bias = False` gives the Mistral block,
+  so `text/mistral.py` is this decoder); SwiGLU MLP; RMSNorm computed in float32;
 - 1-D RoPE from positions [B, S] or M-RoPE from [3, B, S] (`mrope_section`), `rope_parameters` (v5) or
   `rope_theta` + `rope_scaling` (hub) in the config;
 - sliding window per layer like transformers: layers >= `max_window_layers` when `use_sliding_window`,
@@ -16,7 +17,7 @@ Checked against transformers 5.23 `Qwen2VLTextModel` (tests/test_qwen2_vl_model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -118,12 +119,12 @@ class Qwen2Config(BaseConfig):
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, config: Qwen2Config, layer: int):
+    def __init__(self, config: Qwen2Config, layer: int, qkv_bias: bool = True):
         super().__init__()
         hidden, head_dim = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, config.num_attention_heads * head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden, config.num_key_value_heads * head_dim, bias=True)
+        self.q_proj = nn.Linear(hidden, config.num_attention_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, config.num_key_value_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, config.num_key_value_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * head_dim, hidden, bias=False)
         self.layer, self.head_dim = layer, head_dim
         self.sliding_window = config.window(layer)
@@ -141,9 +142,9 @@ class Qwen2Attention(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2Config, layer: int):
+    def __init__(self, config: Qwen2Config, layer: int, qkv_bias: bool = True):
         super().__init__()
-        self.self_attn = Qwen2Attention(config, layer)
+        self.self_attn = Qwen2Attention(config, layer, qkv_bias)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -156,13 +157,17 @@ class Qwen2DecoderLayer(nn.Module):
 class Qwen2Model(nn.Module):
     """embed_tokens -> decoder layers -> final norm. `forward` starts from embeddings."""
 
+    qkv_bias: ClassVar[bool] = True  # Qwen2's q / k / v projections have a bias; Mistral's do not
+
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.config = config
         pad = config.pad_token_id
         padding_idx = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(config, i, self.qkv_bias) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
         self.windows = {config.window(i) for i in range(config.num_hidden_layers)}

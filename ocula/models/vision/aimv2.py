@@ -5,7 +5,7 @@ Notable features (in data-flow order):
   absolute position embeddings (one per patch of an `image_size` square tile: the tower sees fixed-size
   tiles, never native resolutions);
 - pre-norm encoder layers: RMSNorm -> q / k / v (optional `qkv_bias`, also on out_proj) -> bidirectional
-  SDPA -> out_proj; RMSNorm -> SwiGLU MLP (`gate_proj` / `up_proj` / `down_proj`, optional `mlp_bias`);
+  SDPA -> out_proj (`vision/blocks.py`'s `ViTAttention`, as SigLIP's); RMSNorm -> SwiGLU MLP (`gate_proj` / `up_proj` / `down_proj`, optional `mlp_bias`);
 - a final RMSNorm over the last hidden states;
 - parameter names as transformers 5 saves them (`embeddings.patch_embedding`, `embeddings.rms_norm`,
   `encoder.layers.N.attention.{q,k,v,out}_proj`, `ffn.*`, `rms_norm1` / `rms_norm2`, `rms_norm`), so the
@@ -19,16 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...configuration_utils import BaseConfig
-from ...layers.mlp import SwiGLUMLP, activation
+from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
+from .blocks import ViTAttention, ViTConfig
 
 
 @dataclass
-class AIMv2VisionConfig(BaseConfig):
+class AIMv2VisionConfig(ViTConfig):
     """The tower's own fields (Ovis2VisionConfig adds the visual tokenizer's)."""
 
     model_type = "aimv2_vision"
@@ -37,34 +36,19 @@ class AIMv2VisionConfig(BaseConfig):
     intermediate_size: int = 2816  # SwiGLU width
     num_hidden_layers: int = 24
     num_attention_heads: int = 8
-    num_channels: int = 3
-    image_size: int = 224  # tile side the position embeddings cover
     patch_size: int = 14
+    hidden_act: str = "silu"
     rms_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0  # training only; inference ignores it
     qkv_bias: bool = False  # bias on q / k / v and out_proj
     mlp_bias: bool = False  # bias on the SwiGLU projections
-    hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        self.check_positive("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        self.check_positive("num_channels", "image_size", "patch_size")
-        self.check(
-            self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size",
-            f"must be divisible by num_attention_heads={self.num_attention_heads}.",
-        )
+        super().__post_init__()
         self.check(
             self.image_size >= self.patch_size,
             "image_size",
             f"must be at least patch_size={self.patch_size}.",
         )
-        activation(self.hidden_act)
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of a tile."""
-        return self.image_size // self.patch_size
 
 
 class AIMv2Embeddings(nn.Module):
@@ -84,28 +68,10 @@ class AIMv2Embeddings(nn.Module):
         return patches + self.position_embedding.weight
 
 
-class AIMv2Attention(nn.Module):
-    def __init__(self, config: AIMv2VisionConfig):
-        super().__init__()
-        hidden, bias = config.hidden_size, config.qkv_bias
-        self.num_heads = config.num_attention_heads
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, hidden = x.shape
-        heads = (batch, seq, self.num_heads, hidden // self.num_heads)
-        q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, D], every patch sees the whole tile
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, hidden))
-
-
 class AIMv2EncoderLayer(nn.Module):
     def __init__(self, config: AIMv2VisionConfig):
         super().__init__()
-        self.attention = AIMv2Attention(config)
+        self.attention = ViTAttention(config.hidden_size, config.num_attention_heads, bias=config.qkv_bias)
         self.ffn = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
         self.rms_norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rms_norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -6,7 +6,8 @@ Notable features (in data-flow order):
 - hooks for variable-resolution towers (Idefics2): `position_ids` [B, N] pick the position embeddings
   per patch, and `patch_attention_mask` [B, N] (True = real patch) masks padding keys in every layer;
 - pre-norm encoder layers: LayerNorm -> q / k / v -> bidirectional SDPA -> out_proj; LayerNorm ->
-  fc1 -> GELU (tanh) -> fc2; `SiglipEncoderLayer` / `SiglipEncoder` are importable on their own;
+  fc1 -> GELU (tanh) -> fc2 (attention and MLP from `vision/blocks.py`); `SiglipEncoderLayer` /
+  `SiglipEncoder` are importable on their own;
 - `hidden_states(pixels, layers)`: the hidden states VLMs select (index 0 = embeddings, i = output of
   layer i, negative from the end, before `post_layernorm`), running only the layers needed;
 - parameter names as transformers 5 saves them (`embeddings.patch_embedding`, `encoder.layers.N.self_attn.
@@ -20,43 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...configuration_utils import BaseConfig
-from ...layers.mlp import activation
+from .blocks import ViTAttention, ViTConfig, ViTMLP
 
 
 @dataclass
-class SiglipVisionConfig(BaseConfig):
+class SiglipVisionConfig(ViTConfig):
+    """transformers' SiglipVisionConfig (its defaults are `ViTConfig`'s)."""
+
     model_type = "siglip_vision_model"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072  # MLP width
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224  # the side the position embeddings were trained for
-    patch_size: int = 16
-    hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
-    attention_dropout: float = 0.0
     vision_use_head: bool = True  # the attention-pooling head (not built by ocula)
-
-    def __post_init__(self) -> None:
-        self.check_positive("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        self.check_positive("num_channels", "image_size", "patch_size")
-        self.check(
-            self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size",
-            f"must be divisible by num_attention_heads={self.num_attention_heads}.",
-        )
-        activation(self.hidden_act)
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of a `image_size` square input."""
-        return self.image_size // self.patch_size
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -77,47 +54,13 @@ class SiglipVisionEmbeddings(nn.Module):
         return embeds + self.position_embedding(position_ids)
 
 
-class SiglipAttention(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        hidden = config.hidden_size
-        self.num_heads, self.head_dim = config.num_attention_heads, hidden // config.num_attention_heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.out_proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, hidden]; mask [B, 1, 1, N] bool (True = attend) or None."""
-        batch, seq, _ = x.shape
-        heads = (batch, seq, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(heads).transpose(1, 2)  # [B, H, N, D]
-        k = self.k_proj(x).view(heads).transpose(1, 2)
-        v = self.v_proj(x).view(heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.head_dim**-0.5
-        )  # [B, H, N, D]
-        return self.out_proj(out.transpose(1, 2).flatten(2))
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, config: SiglipVisionConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SiglipEncoderLayer(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(config)
+        self.self_attn = ViTAttention(config.hidden_size, config.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = SiglipMLP(config)
+        self.mlp = ViTMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), mask)

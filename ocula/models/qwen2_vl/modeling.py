@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import PlaceholderMismatchError
+from ...layers.attention import segment_attention
 from ...layers.rotary import VisionRotaryEmbedding, apply_vision_rotary, vision_rows_cols
 from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin, plain_positions
 from ..text.qwen2 import Qwen2Model
@@ -66,10 +67,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, D] each
         q, k = apply_vision_rotary(q, cos, sin), apply_vision_rotary(k, cos, sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, D]
-        out = torch.cat([
-            F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b])  # [H, n_seg, D]
-            for a, b in itertools.pairwise(bounds)
-        ], dim=1)
+        out = segment_attention(q, k, v, bounds)  # [H, N, D], each image / frame group attends to itself
         return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 

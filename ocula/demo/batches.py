@@ -1,0 +1,89 @@
+"""Training and evaluation batches for the shapes demo, built with a Qwen2-VL processor.
+
+Notable features:
+- A sample becomes the conversation user: [image, question] -> assistant: answer, rendered with the
+  processor's own chat template, so training sees exactly the prompt `ocula run` builds at inference.
+- Labels are -100 everywhere except the answer tokens and the `<|im_end|>` that closes them: the model
+  learns to answer and to stop, never to predict the prompt or the image placeholders.
+- `exact_match` scores teacher-forced logits: every answer token (and `<|im_end|>`) being the argmax is
+  the same event as greedy decoding producing exactly the answer, at the cost of one forward pass.
+Works with any processor that has transformers' Qwen2-VL call signature (ocula's or transformers').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ocula.demo import shapes
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # processor outputs: input_ids [B, S], pixel_values, image_grid_thw, ...
+    labels: torch.Tensor  # [B, S] int64, -100 outside the answers; not shifted (label t is token t)
+    samples: list[shapes.Sample]
+
+
+def conversation(sample: shapes.Sample, with_answer: bool) -> list[dict]:
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}
+    if not with_answer:
+        return [user]
+    return [user, {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]}]
+
+
+def make_batch(processor, samples: list[shapes.Sample]) -> Batch:
+    """Right-padded prompt + answer sequences with labels on the answer tokens and the closing <|im_end|>."""
+    texts = [processor.apply_chat_template(conversation(s, True), tokenize=False) for s in samples]
+    inputs = processor(text=texts, images=[s.image() for s in samples], return_tensors="pt",
+                       padding=True, padding_side="right")
+    ids = inputs["input_ids"]
+    labels = torch.full_like(ids, -100)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    for row, (sample, length) in enumerate(zip(samples, lengths)):
+        # the text ends with answer + "<|im_end|>" + "\n"; the answer never merges with the "\n" before it
+        n = len(processor.tokenizer(sample.answer)["input_ids"]) + 1
+        labels[row, length - 1 - n:length - 1] = ids[row, length - 1 - n:length - 1]
+    return Batch(inputs=dict(inputs), labels=labels, samples=samples)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens. logits [B, S, V], labels [B, S]."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+    )
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: every labelled token is the argmax of the logits one position before it."""
+    predicted = logits[:, :-1].argmax(-1)  # [B, S-1]
+    target = labels[:, 1:]
+    return ((predicted == target) | (target == -100)).all(-1)
+
+
+def train_samples(step: int, batch_size: int, offset: int = 0) -> list[shapes.Sample]:
+    """The samples of one training step: consecutive train seeds, so a run is reproducible and never repeats."""
+    start = shapes.TRAIN_SEEDS.start + offset + step * batch_size
+    return [shapes.sample(seed) for seed in range(start, start + batch_size)]
+
+
+def heldout_samples(qtype: str, n: int) -> list[shapes.Sample]:
+    """The first `n` held-out samples of one question type (the same images for every question type)."""
+    return [shapes.sample(seed, qtype) for seed in shapes.HELDOUT_SEEDS[:n]]
+
+
+@torch.no_grad()
+def accuracy(model, processor, n: int = 500, batch_size: int = 50) -> dict[str, float]:
+    """Exact-match accuracy per question type on the first `n` held-out images (teacher-forced, greedy-equal)."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for qtype in shapes.QUESTION_TYPES:
+        samples, correct = heldout_samples(qtype, n), 0
+        for start in range(0, n, batch_size):
+            batch = make_batch(processor, samples[start:start + batch_size])
+            correct += int(exact_match(model(**batch.inputs).logits, batch.labels).sum())
+        scores[qtype] = correct / n
+    model.train(was_training)
+    return scores

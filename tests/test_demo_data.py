@@ -1,0 +1,246 @@
+"""The shapes demo world: deterministic samples, answers that agree with the pixels, disjoint splits, and a
+tokenizer / checkpoint skeleton that transformers loads with the same ids and chat template."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ocula.demo import shapes, write_skeleton
+from ocula.demo.batches import make_batch
+from ocula.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+
+SEEDS = range(120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def skeleton(tmp_path_factory):
+    return write_skeleton(tmp_path_factory.mktemp("shapes-demo"))
+
+
+# ------------------------------------------------------------------------------------ pixels -> scene
+
+
+def _cell_view(a: np.ndarray, cell: int) -> np.ndarray:
+    half = a.shape[0] // 2
+    return a[(cell // 2) * half:(cell // 2 + 1) * half, (cell % 2) * half:(cell % 2 + 1) * half]
+
+
+def _kind_from_mask(mask: np.ndarray) -> str:
+    # fill ratio of the bounding box: square ~1, circle ~pi/4, triangle ~1/2, star ~0.42
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "square" if fill > 0.88 else "circle" if fill > 0.65 else "triangle" if fill > 0.475 else "star"
+
+
+def _colour_from_pixels(pixels: np.ndarray) -> str:
+    mean = pixels.mean(0)
+    return min(shapes.COLOURS, key=lambda c: np.square(mean - np.array(shapes.COLOURS[c])).sum())
+
+
+def scene_from_pixels(sample: shapes.Sample) -> dict[int, tuple[str, str]]:
+    """cell -> (kind, colour), read back from the rendered image alone."""
+    a = np.asarray(sample.image()).astype(np.int64)
+    mask = np.abs(a - np.array(sample.scene.background)).sum(-1) > 90
+    found = {}
+    for cell in range(4):
+        m, pixels = _cell_view(mask, cell), _cell_view(a, cell)
+        if m.sum() > 0:
+            inner = m & (np.abs(pixels - np.array(sample.scene.background)).sum(-1) > 200)  # no edge blend
+            found[cell] = (_kind_from_mask(m), _colour_from_pixels(pixels[inner if inner.any() else m]))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+
+def test_samples_are_deterministic():
+    for seed in (0, 7, 123456):
+        a, b = shapes.sample(seed), shapes.sample(seed)
+        assert a == b
+        assert a.image().tobytes() == b.image().tobytes()
+    assert shapes.sample(1).scene != shapes.sample(2).scene
+
+
+def test_images_are_small_and_rgb():
+    image = shapes.sample(3).image()
+    assert image.mode == "RGB" and image.size == (112, 112)
+
+
+def test_scene_matches_pixels():
+    for seed in SEEDS:
+        s = shapes.sample(seed)
+        assert scene_from_pixels(s) == {x.cell: (x.kind, x.colour) for x in s.scene.shapes}, seed
+
+
+def _expected_answer(question: str, found: dict[int, tuple[str, str]]) -> str:
+    """Answer a generated question from the pixel-derived scene, independently of shapes.py's askers."""
+    by_kind = {kind: (cell, colour) for cell, (kind, colour) in found.items()}
+    if m := re.fullmatch(r"What shape is at the (.+)\?", question):
+        return found[shapes.CELLS.index(m[1])][0]
+    if question in ("What shape is this?", "What shape is in the picture?"):
+        (kind, _), = found.values()
+        return kind
+    if m := re.fullmatch(r"What colou?r is the (\w+)\?", question):
+        return by_kind[m[1]][1]
+    if question == "How many shapes are there?":
+        return str(len(found))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(colour == m[1] for _, colour in found.values()))
+    if m := re.fullmatch(r"Where is the (\w+)\?", question):
+        return shapes.CELLS[by_kind[m[1]][0]]
+    if m := re.fullmatch(r"Is the (\w+) (left or right of|above or below) the (\w+)\?", question):
+        a, b = by_kind[m[1]][0], by_kind[m[3]][0]
+        if m[2] == "left or right of":
+            return "left" if a % 2 < b % 2 else "right"
+        return "above" if a // 2 < b // 2 else "below"
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+@pytest.mark.parametrize("qtype", ["shape", "colour", "count", "position"])
+def test_answers_agree_with_pixels(qtype):
+    for seed in SEEDS:
+        s = shapes.sample(seed, qtype)
+        assert s.answer == _expected_answer(s.question, scene_from_pixels(s)), (seed, s.question)
+
+
+def test_caption_reads_the_scene():
+    for seed in SEEDS:
+        s = shapes.sample(seed, "caption")
+        found = scene_from_pixels(s)
+        named = re.findall(r"an? (\w+) (\w+)", s.answer)
+        assert named == [(colour, kind) for _, (kind, colour) in sorted(found.items())], s.answer
+    assert shapes.caption(shapes.example_scene()) == "a red circle left of a blue square"
+
+
+def test_every_question_type_has_varied_answers():
+    for qtype in shapes.QUESTION_TYPES:
+        answers = {shapes.sample(seed, qtype).answer for seed in range(200)}
+        assert len(answers) >= 3, (qtype, answers)
+
+
+def test_splits_are_disjoint():
+    assert shapes.TRAIN_SEEDS.stop <= shapes.HELDOUT_SEEDS.start
+    train = {shapes.sample(seed).scene for seed in range(300)}
+    heldout = {shapes.sample(seed).scene for seed in shapes.HELDOUT_SEEDS[:300]}
+    assert not train & heldout
+
+
+def test_tokenizer_round_trips_any_text(tokenizer):
+    texts = ["What colour is the circle?", "a red circle left of a blue square", "How many shapes? 3",
+             "Größe 🙂 日本語\n\ttabs  and  spaces", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"]
+    for text in texts:
+        assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+    assert len(tokenizer.encode("a red circle left of a blue square").ids) == 8  # whole words
+
+
+def test_special_tokens_are_single_ids_in_qwen2_vl_order(tokenizer):
+    ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))
+    assert ids[-1] == tokenizer.get_vocab_size() - 1
+    for token, i in zip(SPECIAL_TOKENS, ids):
+        assert tokenizer.encode(token).ids == [i]
+    assert 300 <= tokenizer.get_vocab_size() <= 600
+
+
+def test_transformers_loads_the_tokenizer_with_the_same_ids(skeleton, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(skeleton)
+    for text in ["Describe the picture.", "Größe 🙂 日本語\n\n  x", "<|im_start|>assistant\nred<|im_end|>"]:
+        assert hf(text).input_ids == tokenizer.encode(text).ids
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
+
+
+def test_chat_template_renders_like_the_qwen2_vl_docs(skeleton):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(skeleton)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hello, how are you?"}]},
+        {"role": "assistant", "content": "Fine."},
+        {"role": "user", "content": [{"type": "text", "text": "And these?"}, {"type": "image"}, {"type": "video"}]},
+    ]
+    text = hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, add_vision_id=True)
+    assert hf.chat_template == CHAT_TEMPLATE
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "Picture 1: <|vision_start|><|image_pad|><|vision_end|>Hello, how are you?<|im_end|>\n"
+        "<|im_start|>assistant\nFine.<|im_end|>\n<|im_start|>user\nAnd these?"
+        "Picture 2: <|vision_start|><|image_pad|><|vision_end|>Video 1: <|vision_start|><|video_pad|><|vision_end|>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_skeleton_builds_a_qwen2_vl_with_16_image_tokens(skeleton):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.from_pretrained(skeleton)
+    assert config.model_type == "qwen2_vl"
+    assert config.text_config.vocab_size >= len(transformers.AutoTokenizer.from_pretrained(skeleton))
+    processor = transformers.AutoProcessor.from_pretrained(skeleton)
+    image = shapes.sample(0).image()
+    batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[image], return_tensors="pt")
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]
+    assert int((batch["input_ids"] == config.image_token_id).sum()) == 16
+
+
+def test_batches_label_only_the_answer_and_its_end(skeleton):
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.AutoProcessor.from_pretrained(skeleton)
+    samples = [shapes.sample(seed) for seed in range(6)]
+    batch = make_batch(processor, samples)
+    for row, sample in enumerate(samples):
+        labelled = batch.labels[row][batch.labels[row] != -100]
+        assert processor.tokenizer.decode(labelled) == sample.answer + "<|im_end|>"
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert not ((batch.labels == image_token).any())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(folder, model) after two steps of scripts/train_demo.py with transformers' classes."""
+    pytest.importorskip("transformers")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+    spec = importlib.util.spec_from_file_location("train_demo", path)
+    train_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_demo)
+    folder = tmp_path_factory.mktemp("trained")
+    args = train_demo.parse_args(["--out", str(folder), "--steps", "2", "--batch-size", "4", "--eval-images", "2",
+                                  "--threads", "1", "--backend", "transformers"])
+    model, scores = train_demo.train(args)
+    assert set(scores) == set(shapes.QUESTION_TYPES)
+    return folder, model.eval()
+
+
+def test_train_script_saves_a_checkpoint_transformers_reloads(trained):
+    transformers = pytest.importorskip("transformers")
+    folder, model = trained
+    assert (folder / "model.safetensors").exists() and (folder / "loss.png").exists()
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch = make_batch(transformers.AutoProcessor.from_pretrained(folder), [shapes.sample(0), shapes.sample(1)])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch.inputs).logits, model(**batch.inputs).logits)
+
+
+def test_ocula_runs_the_demo_checkpoint_like_transformers(trained):
+    transformers = pytest.importorskip("transformers")
+    import ocula
+
+    folder, model = trained
+    samples = [shapes.sample(seed) for seed in range(3)]
+    ours = make_batch(ocula.AutoProcessor.from_pretrained(folder), samples)
+    theirs = make_batch(transformers.AutoProcessor.from_pretrained(folder), samples)
+    assert torch.equal(ours.inputs["input_ids"], theirs.inputs["input_ids"])
+    assert torch.equal(ours.labels, theirs.labels)
+    torch.testing.assert_close(ours.inputs["pixel_values"], theirs.inputs["pixel_values"])
+    loaded = ocula.AutoModelForImageTextToText.from_pretrained(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**ours.inputs).logits, model(**theirs.inputs).logits)

@@ -7,11 +7,15 @@ Notable features:
   antialias on uint8 [.., C, H, W] tensors): native uint8 kernels where torchvision uses them, else
   float32 + clamp + round; its pixels differ from Pillow's (see docs), so pick the one the reference uses;
 - `rescale` / `normalize` follow transformers' numpy order of operations and dtypes (float32 result);
-- `to_chw_float` makes the channels-first float32 tensor the models consume.
+- `to_chw_float` makes the channels-first float32 tensor the models consume;
+- `lookup_pairs` maps uint8 pixels through a per-channel float32 table (rescale + normalise in one step)
+  two pixels at a time: a 16-bit index into a table of all value pairs, half the indexing work of a
+  per-pixel lookup and the same float32 values.
 """
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Sequence
 
@@ -135,3 +139,36 @@ def pad(
 def to_chw_float(image: np.ndarray) -> torch.Tensor:
     """[H, W, C] array -> contiguous float32 tensor [C, H, W]."""
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0))).to(torch.float32)
+
+
+def lookup_pairs(pixels: np.ndarray, table: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`out[:, c] = table[c][pixels[:, c]]` (table [C, 256] float32), two neighbouring pixels per lookup.
+
+    pixels uint8 [N, C, ..., L] and out float32 [N, C, ..., L] are C-contiguous with an even L; pixels may
+    have size 1 on a middle axis where out has more (it is broadcast, e.g. an image repeated over time).
+    Each pair of bytes is read as one little-endian 16-bit index into a [C, 65536] table of float32 pairs
+    (512 KB per channel), so the values are exactly those of the per-pixel lookup.
+    """
+    if pixels.shape[-1] % 2 or not (pixels.flags.c_contiguous and out.flags.c_contiguous):
+        raise MediaError("lookup_pairs needs C-contiguous arrays with an even last axis.")
+    table = np.ascontiguousarray(table, dtype=np.float32)
+    pairs = _pair_table(table.tobytes(), table.shape[0])  # [C, 65536] uint64: (value of lo, value of hi)
+    index = pixels.view("<u2")  # [N, C, ..., L / 2]
+    words = out.view(np.uint64)  # [N, C, ..., L / 2]
+    for channel in range(table.shape[0]):
+        words[:, channel] = pairs[channel][index[:, channel]]
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_table(table_bytes: bytes, channels: int) -> np.ndarray:
+    """[C, 256] float32 -> [C, 65536] uint64 whose entry lo + 256 * hi holds (table[lo], table[hi]).
+
+    Cached by the table's bytes: a processor's options give the same table call after call.
+    """
+    table = np.frombuffer(table_bytes, dtype=np.float32).reshape(channels, 256)
+    low = np.broadcast_to(table[:, None, :], (channels, 256, 256))  # [C, hi, lo] -> value of lo
+    high = np.broadcast_to(table[:, :, None], (channels, 256, 256))  # [C, hi, lo] -> value of hi
+    pairs = np.stack([low, high], axis=-1).view(np.uint64).reshape(channels, 65536)
+    pairs.flags.writeable = False  # shared by every call with this table
+    return pairs

@@ -5,7 +5,10 @@ Notable features:
   [min_pixels, max_pixels], the aspect ratio nearly kept; `size={"shortest_edge", "longest_edge"}` and the
   older `min_pixels=` / `max_pixels=` both work, at load and at call time;
 - images: uint8 in, one PIL bicubic resize (bit-identical to transformers' PIL image processor), one table
-  lookup for rescale + CLIP normalisation, one vectorised patchify. pixel_values is float32
+  lookup for rescale + CLIP normalisation, one vectorised patchify. `backend="torchvision"` (or transformers'
+  deprecated `use_fast=True`) instead resizes with torch's uint8 antialiased kernel and normalises with the
+  fused table: bit-identical to transformers' default torchvision image processor, and faster than the
+  Pillow resize (docs/performance.md). pixel_values is float32
   `[sum t*h*w, 3 * 2 * 14 * 14]`, the patches of each 2x2 merge window adjacent (the order the vision
   merger expects); an image is its own frame repeated to temporal_patch_size;
 - videos: frames sampled by `fps` or `num_frames` exactly as transformers' Qwen2-VL video processor does
@@ -22,7 +25,9 @@ processing_qwen2_vl}.py` (tests/test_qwen2_vl_processing.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -31,7 +36,7 @@ import PIL.Image
 import torch
 
 from ...batch import BatchFeature
-from ...errors import MediaError
+from ...errors import ConfigError, MediaError
 from ...image_processing_utils import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -45,6 +50,7 @@ from ...image_processing_utils import (
     torch_resize,
 )
 from ...media import load_video, qwen2_vl_indices
+from ...media.ops import lookup_pairs
 from ...processing_utils import ProcessorMixin
 
 __all__ = [
@@ -100,7 +106,8 @@ def patch_values(
     x = frames.reshape(gt, step, gh // merge, merge, patch, gw // merge, merge, patch, channels)
     # [gt, t, gh/m, mh, ph, gw/m, mw, pw, C] -> [gt, gh/m, gw/m, mh, mw, C, t, ph, pw]
     x = np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)).reshape(gt * gh * gw, channels, step, -1)
-    out = lookup(x, table, np.empty((gt * gh * gw, channels, temporal, patch * patch), np.float32))
+    out = np.empty((gt * gh * gw, channels, temporal, patch * patch), np.float32)
+    out = (lookup_pairs if patch % 2 == 0 else lookup)(x, table, out)  # pairs: same values, about 2x faster
     return torch.from_numpy(out.reshape(gt * gh * gw, -1)), (gt, gh, gw)
 
 
@@ -161,20 +168,24 @@ class _Qwen2VLOptions(ProcessorOptions):
         return {k: v for k, v in options.to_dict().items() if k in self.field_names()}
 
     def _table(self, fused: bool) -> np.ndarray:
-        return normalize_table(
-            self.do_rescale,
-            self.rescale_factor,
-            self.do_normalize,
-            self.image_mean,
-            self.image_std,
-            fused=fused,
-        )
+        mean, std = tuple(self.image_mean), tuple(self.image_std)
+        return _cached_table(self.do_rescale, self.rescale_factor, self.do_normalize, mean, std, fused)
 
     def _target(self, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
         if not self.do_resize:
             return height, width
         factor = self.patch_size * self.merge_size
         return smart_resize(height, width, factor, self.min_pixels, max_pixels or self.max_pixels)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_table(
+    do_rescale: bool, factor: float, do_normalize: bool, mean: tuple, std: tuple, fused: bool
+) -> np.ndarray:
+    """`normalize_table`, built once per set of options (read-only: every call shares it)."""
+    table = normalize_table(do_rescale, factor, do_normalize, mean, std, fused=fused)
+    table.flags.writeable = False
+    return table
 
 
 def _pixels_out(
@@ -197,7 +208,22 @@ def _pixels_out(
 class Qwen2VLImageProcessor(_Qwen2VLOptions):
     """Images -> `pixel_values` float32 `[sum t*h*w, 1176]` and `image_grid_thw` int64 `[n, 3]`."""
 
+    backend: str = "pil"  # "pil" or "torchvision": the transformers image backend whose pixels to match
+
     model_input_names: ClassVar[list[str]] = ["pixel_values", "image_grid_thw"]
+
+    @classmethod
+    def accepted_kwargs(cls) -> frozenset[str]:
+        return super().accepted_kwargs() | {"use_fast"}
+
+    @classmethod
+    def normalize_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """transformers' deprecated `use_fast=True/False` means backend "torchvision" / "pil"."""
+        kwargs = super().normalize_kwargs(kwargs)
+        use_fast = kwargs.pop("use_fast", None)
+        if use_fast is not None and kwargs.get("backend") is None:
+            kwargs["backend"] = "torchvision" if use_fast else "pil"
+        return kwargs
 
     def load(self, images: Any) -> list[np.ndarray]:
         """Decode every image (a flat or per-sample nested list) into uint8 RGB `[H, W, 3]`."""
@@ -208,11 +234,13 @@ class Qwen2VLImageProcessor(_Qwen2VLOptions):
     ) -> dict[str, Any]:
         """Preprocess decoded images with call-time overrides (`min_pixels=`, `size=`, ...)."""
         options = self.replace(**kwargs)
-        table = options._table(fused=False)
+        torch_backend = options._torch_backend()
+        table = options._table(fused=torch_backend)  # the torchvision backend fuses rescale into normalise
+        resize = _torch_resize_image if torch_backend else pil_resize
         pixels, grids = [], []
         for image in images:
             height, width = options._target(*image.shape[:2])
-            resized = pil_resize(image, height, width, options.resample)  # uint8 [H, W, 3]
+            resized = resize(image, height, width, options.resample)  # uint8 [H, W, 3]
             patches, grid = patch_values(
                 resized[None], table, options.patch_size, options.merge_size, options.temporal_patch_size
             )
@@ -227,10 +255,23 @@ class Qwen2VLImageProcessor(_Qwen2VLOptions):
 
     preprocess = __call__
 
+    def _torch_backend(self) -> bool:
+        if self.backend not in ("pil", "torchvision"):
+            raise ConfigError(f"backend={self.backend!r} is not an image backend; use 'pil' or 'torchvision'")
+        return self.backend == "torchvision"
+
     def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
         options = self.replace(**(images_kwargs or {}))
         resized = options._target(height, width)
         return (resized[0] // options.patch_size) * (resized[1] // options.patch_size)
+
+
+def _torch_resize_image(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [height, width, 3] with torch's kernel (transformers' torchvision backend)."""
+    with warnings.catch_warnings():  # decoded images are read-only arrays; nothing writes through this view
+        warnings.simplefilter("ignore", UserWarning)
+        frames = torch.from_numpy(image).permute(2, 0, 1)[None]  # [1, 3, H, W], channels-last in memory
+    return torch_resize(frames, height, width, resample)[0].permute(1, 2, 0).numpy()
 
 
 # ---------------------------------------------------------------------------------------------- videos

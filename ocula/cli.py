@@ -59,12 +59,6 @@ def check_model(model: str) -> None:
         )
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return name if name == "auto" else getattr(torch, name)
-
-
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """(processor, model) for the library path, with progress on stderr."""
     from .auto import AutoModelForImageTextToText, AutoProcessor
@@ -73,7 +67,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     start = time.monotonic()
     log(f"ocula: loading {args.model} ...")
     processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=_torch_dtype(args.dtype),
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype,  # checked there
                                                         device=args.device)
     log(f"ocula: loaded in {time.monotonic() - start:.1f} s")
     return processor, model
@@ -126,6 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from .errors import OculaError
+
     processor, model = load_model(args)
     session = ChatSession()
     interactive = sys.stdin.isatty()
@@ -141,7 +137,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if isinstance(message, list):
             print("ocula> ", end="", flush=True)
-            answer = generate_streamed(processor, model, message, args)
+            try:
+                answer = generate_streamed(processor, model, message, args)
+            except OculaError as error:  # a bad attachment drops that turn, not the whole session
+                print(flush=True)
+                log(f"ocula: error: {error} (message dropped; attach another file or go on)")
+                session.drop_last()
+                continue
             print(flush=True)
             session.reply(answer)
 
@@ -181,6 +183,11 @@ class ChatSession:
             self.pending.append({"type": kind, key: str(Path(path).expanduser()) if key == "path" else path})
             log(f"({kind} attached to your next message)")
 
+    def drop_last(self) -> None:
+        """Forget the last user message (it could not be answered)."""
+        if self.history and self.history[-1]["role"] == "user":
+            self.history.pop()
+
     def reply(self, text: str) -> None:
         self.history.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
 
@@ -218,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--served-model-name", default=None, help="model name clients send (default: MODEL)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--allowed-local-media-path", default=None, help="folder file:// media may come from")
@@ -234,6 +241,13 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
                        help='processor options as JSON, e.g. \'{"max_pixels": 1003520}\'')
     serve.add_argument("--max-pending-requests", type=int, default=256, help="requests in flight before 503")
     serve.add_argument("--log-level", default="info")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:  # else uvicorn fails deep in socket.bind with an OverflowError
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0-65535")
+    return value
 
 
 # ---- batch / bench -------------------------------------------------------------------------------------
@@ -332,6 +346,9 @@ def parse_job(record: dict, number: int, base: Path) -> BatchJob:
 
 def _prompt_message(record: dict, base: Path) -> dict:
     images = record.get("images") or ([record["image"]] if record.get("image") else [])
+    images = [images] if isinstance(images, str) else images  # "images": "cat.png" means one image
+    if not isinstance(images, list):
+        raise TypeError(f"'images' must be a list of paths or URLs, got {images!r}")
     content = [{"type": "image_url", "image_url": {"url": _media_url(i, base)}} for i in images]
     if record.get("video"):
         content.append({"type": "video_url", "video_url": {"url": _media_url(record["video"], base)}})
@@ -353,6 +370,8 @@ def _localize(message: dict, base: Path) -> dict:
 
 
 def _media_url(source: str, base: Path) -> str:
+    if not isinstance(source, str):
+        raise TypeError(f"a media path or URL must be a string, got {source!r}")
     if source.startswith(("http://", "https://", "data:", "file://")):
         return source
     return (base / Path(source).expanduser()).resolve().as_uri()

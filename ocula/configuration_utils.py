@@ -68,7 +68,20 @@ class BaseConfig:
         data = read_json(folder, "config.json")
         if data is None:
             raise ConfigError(f"No config.json in {folder}: pass the folder of a checkpoint saved by transformers.")
+        cls._check_family(data.get("model_type"), folder)
         return cls.from_dict({**data, **overrides})
+
+    @classmethod
+    def _check_family(cls, found: Any, folder: Path) -> None:
+        """A family class given another family's checkpoint fails here, not later on a derived value."""
+        from .registry import FAMILIES
+
+        if cls.model_type in FAMILIES and found in FAMILIES and found != cls.model_type:
+            raise ConfigError(
+                f"{folder} holds a model_type={found!r} checkpoint but {cls.__name__} reads "
+                f"{cls.model_type!r}: load it with AutoModelForImageTextToText / AutoProcessor, or the matching "
+                "family class."
+            )
 
     def with_overrides(self, **overrides: Any) -> BaseConfig:
         """A copy with top-level keys replaced, checked again by `__post_init__`."""

@@ -145,8 +145,14 @@ def resolve_device(device: Any = None, device_map: Any = None) -> torch.device:
     if where == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(where, int) or (isinstance(where, str) and where.isdigit()):
-        return torch.device("cuda", int(where))
-    return torch.device(where)
+        where = f"cuda:{where}"
+    try:
+        device = torch.device(where)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={where!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={where!r} but this torch build sees no CUDA GPU; use device='cpu'.")
+    return device
 
 
 class PreTrainedModel(GenerationMixin, nn.Module):
@@ -228,6 +234,17 @@ class PreTrainedModel(GenerationMixin, nn.Module):
         for dst, src in self._tied_map().items():
             owner, _, name = dst.rpartition(".")
             setattr(self.get_submodule(owner), name, self.get_parameter(src))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # forward() swallows unknown kwargs like transformers' **kwargs; these two would otherwise come back
+        # as a missing attribute on the output, far from the call that asked for them
+        asked = [name for name in ("output_hidden_states", "output_attentions") if kwargs.get(name)]
+        if asked:
+            raise UnsupportedFeatureError(
+                f"{type(self).__name__}(..., {asked[0]}=True) is not supported: ocula's forward returns "
+                "`.logits` and `.loss` only; drop the option."
+            )
+        return super().__call__(*args, **kwargs)
 
     # -- properties ------------------------------------------------------------------------------------
 

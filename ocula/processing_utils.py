@@ -30,6 +30,7 @@ import torch
 from .batch import BatchFeature
 from .chat_template import render_chat_template
 from .errors import ConfigError, PlaceholderMismatchError, UnsupportedFeatureError
+from .image_processing_utils import flatten_images
 from .loading import read_json, resolve_checkpoint
 from .tokenization import Tokenizer
 
@@ -129,6 +130,15 @@ class CallOptions:
     videos: dict[str, Any]
     return_tensors: str | None
     return_mm_token_type_ids: bool
+
+
+def _is_unit_float(image: Any) -> bool:
+    """A float array / tensor with values in [0, 1] (an already rescaled image)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float().numpy() if image.is_floating_point() else None
+    if not isinstance(image, np.ndarray) or not np.issubdtype(image.dtype, np.floating) or not image.size:
+        return False
+    return bool(image.min() >= 0 and image.max() <= 1)
 
 
 class ProcessorMixin:
@@ -271,9 +281,11 @@ class ProcessorMixin:
             )
         if images is None and text is None and videos is None:
             raise ValueError(f"{type(self).__name__} needs at least one of text, images or videos.")
+        self._check_inputs(text, videos)
         options = self.split_kwargs(kwargs)
         texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
         image_items = self.image_processor.load(images) if images is not None else []
+        self._unit_float_rescale(images, options)
         video_items = self.video_processor.load(videos, options.videos) if videos is not None else []
         if texts is not None:
             self._check_placeholders(texts, len(image_items), len(video_items))
@@ -286,6 +298,30 @@ class ProcessorMixin:
         if hash_media:
             media = self._hash_media(media, image_items, video_items, options)
         return ProcessorOutput(features, media)
+
+    def _check_inputs(self, text: Any, videos: Any) -> None:
+        name = type(self).__name__
+        texts = [] if text is None else [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise ConfigError(f"{name}: text must be a string or a list of strings, got {text!r:.80}.")
+        if videos is not None and self.video_processor is None:
+            raise ConfigError(f"{name} takes no videos: this model reads text and images only.")
+
+    def _unit_float_rescale(self, images: Any, options: CallOptions) -> None:
+        """`do_rescale=False` is how transformers is told "these floats are already in [0, 1]". ocula reads
+        such floats as x*255 uint8 (like transformers' PIL path before resizing), so they still take the
+        1/255 step; without this they came out 255 times too large."""
+        do_rescale = options.images.get("do_rescale", getattr(self.image_processor, "do_rescale", True))
+        if images is None or do_rescale:
+            return
+        unit = [_is_unit_float(image) for image in flatten_images(images)]
+        if all(unit):
+            options.images["do_rescale"] = True
+        elif any(unit):
+            raise UnsupportedFeatureError(
+                "do_rescale=False with [0, 1] float images next to other images in one call is ambiguous: "
+                "process the float images in a call of their own."
+            )
 
     def _pixel_keys(self) -> list[str]:
         keys = list(getattr(self.image_processor, "model_input_names", []))

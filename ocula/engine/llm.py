@@ -27,6 +27,7 @@ import itertools
 import sys
 import threading
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Complete each prompt: a string, `{"prompt", "multi_modal_data"}` or `{"prompt_token_ids"}`."""
-        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]  # one prompt of any kind
         params = _per_prompt(sampling_params, len(prompts))
         requests = [self._request(self._prepare_prompt(p), sp) for p, sp in zip(prompts, params)]
         return self._run(requests, use_tqdm)
@@ -179,7 +180,7 @@ class LLM:
             if prompt.get("multi_modal_data"):
                 raise ConfigError("prompt_token_ids with multi_modal_data is not supported: pass the text "
                                   "prompt with its placeholders so the processor can expand them")
-            return [int(i) for i in prompt["prompt_token_ids"]], []
+            return self._checked_ids(prompt["prompt_token_ids"]), []
         if "prompt" not in prompt:
             raise ConfigError('a prompt dict needs "prompt" (text) or "prompt_token_ids"')
         data = prompt.get("multi_modal_data") or {}
@@ -187,6 +188,15 @@ class LLM:
         if unknown:
             raise ConfigError(f"multi_modal_data keys {unknown} are not supported: use 'image' and 'video'")
         return self._process(prompt["prompt"], _as_list(data.get("image")), _as_list(data.get("video")))
+
+    def _checked_ids(self, ids: Any) -> list[int]:
+        vocab = self.model.get_input_embeddings().num_embeddings
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # a tensor / array row works too
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, Integral) or not 0 <= i < vocab]
+        if bad:
+            raise ConfigError(f"prompt_token_ids must be ints in [0, {vocab}) (the model's vocabulary); "
+                              f"got {bad[:5]}")
+        return [int(i) for i in ids]
 
     def _process(self, text: str, images: list, videos: list) -> tuple[list[int], list[MediaItem]]:
         bos = getattr(self.processor.tokenizer, "bos_token", None)

@@ -8,8 +8,15 @@ n>1 request draws from seed + i); `stop` strings are matched on the detokenised 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 from ocula.errors import ConfigError
+
+_FIELD_TYPES = (  # (field, accepted type, None allowed); numbers.* also admits numpy scalars
+    ("n", Integral, False), ("max_tokens", Integral, True), ("min_tokens", Integral, False),
+    ("temperature", Real, False), ("top_k", Integral, False), ("top_p", Real, False),
+    ("repetition_penalty", Real, False), ("seed", Integral, True), ("logprobs", Integral, True),
+)
 
 
 @dataclass
@@ -30,6 +37,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
 
     def __post_init__(self) -> None:
+        self.stop = [] if self.stop is None else self.stop  # vLLM accepts stop=None
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
@@ -37,6 +46,22 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._check()
+
+    def _check_types(self) -> None:
+        # a JSON line or a config file can carry "0.7" or null: say which field, not a bare TypeError
+        for name, kinds, optional in _FIELD_TYPES:
+            value = getattr(self, name)
+            if (value is None and optional) or (isinstance(value, kinds) and not isinstance(value, bool)):
+                continue
+            kind = "an integer" if kinds is Integral else "a number"
+            kind += " or None" if optional else ""
+            raise ConfigError(f"SamplingParams: {name}={value!r} must be {kind}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise ConfigError(f"SamplingParams: stop={self.stop!r} must be a string or a list of strings")
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(t) for t in ids):
+            raise ConfigError(f"SamplingParams: stop_token_ids={ids!r} must be a list of ints")
 
     def _check(self) -> None:
         checks = [
@@ -61,3 +86,7 @@ class SamplingParams:
     @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)

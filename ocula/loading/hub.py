@@ -74,8 +74,9 @@ def _from_hub(repo_id: str, revision, offline: bool, token, cache_dir) -> Path:
     try:
         return Path(snapshot_download(**kwargs))
     except Exception as error:
+        reason = " ".join(str(error).split()).rstrip(".")  # huggingface_hub's messages span lines
         raise CheckpointNotFoundError(
-            f"Could not download {repo_id!r} (revision {revision or 'main'}): {error}. Check the id, the "
+            f"Could not download {repo_id!r} (revision {revision or 'main'}): {reason}. Check the id, the "
             "revision, your network and, for gated or private models, the token."
         ) from error
 

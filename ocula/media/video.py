@@ -106,6 +106,11 @@ def qwen2_vl_indices(
         raise MediaError(
             f"Asked for {num_frames} frames but the video has {total_num_frames}; lower num_frames or fps."
         )
+    if num_frames is not None and num_frames < temporal_patch_size:
+        raise MediaError(
+            f"Frame sampling kept {num_frames} frames, fewer than temporal_patch_size={temporal_patch_size}: "
+            "raise num_frames or fps."
+        )
     if num_frames is None:
         return np.arange(total_num_frames, dtype=int)
     # the float32 arange of the reference, truncated: spacing errors must round the same way

@@ -5,8 +5,8 @@ Notable features:
   `file://` URLs) and `video_url` (vLLM's extension, same URL rules);
 - `max_completion_tokens` (current name) wins over `max_tokens` (deprecated name), as in OpenAI's API;
 - `to_sampling_params` maps the request onto the engine's `SamplingParams` (`logprobs` + `top_logprobs`
-  -> `logprobs=k`); options ocula cannot honour (tools, penalties other than 0) are refused with a 400
-  rather than silently ignored;
+  -> `logprobs=k`); options ocula cannot honour (tools, penalties other than 0, a JSON `response_format`)
+  are refused with a 400 rather than silently ignored;
 - vLLM's extensions `ignore_eos`, `min_tokens` and `top_k` (sent by the openai client as `extra_body`);
 - unknown top-level fields are ignored, as OpenAI's own server does, for forward compatibility.
 """
@@ -84,6 +84,7 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
     # vLLM's extensions (the openai client sends them through `extra_body`)
     ignore_eos: bool = False
@@ -109,6 +110,11 @@ class ChatCompletionRequest(_Strict):
             raise UnsupportedFeatureError("tools / function calling is not supported by this server yet.")
         if self.presence_penalty or self.frequency_penalty:
             raise UnsupportedFeatureError("presence_penalty and frequency_penalty are not supported; use 0.")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise UnsupportedFeatureError(
+                f"response_format {self.response_format.get('type')!r} (constrained JSON output) is not "
+                "supported; leave it unset or use {'type': 'text'}."
+            )
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n,

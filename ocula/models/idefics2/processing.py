@@ -162,6 +162,11 @@ class Idefics2ImageProcessor(ImageOptions):
 
     def crops_of(self, image: np.ndarray) -> list[np.ndarray]:
         """The images one input image becomes: its 4 quarters and itself, or itself."""
+        if self.do_image_splitting and min(image.shape[:2]) < 2:  # a quarter would be empty
+            raise MediaError(
+                f"An image of {image.shape[1]}x{image.shape[0]} pixels cannot be split into quarters: pass "
+                "one of at least 2x2 pixels, or do_image_splitting=False."
+            )
         return split_image(image) if self.do_image_splitting else [image]
 
     def _resize(self, image: np.ndarray) -> np.ndarray:

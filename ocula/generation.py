@@ -20,6 +20,7 @@ Notable features:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from dataclasses import dataclass, field
 from queue import Queue
@@ -497,6 +498,21 @@ def _infer_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> 
     return (input_ids != pad).long()
 
 
+def _check_media_keys(model, media: dict[str, Any]) -> None:
+    """Like transformers, refuse keyword arguments that are neither generation options nor model inputs."""
+    hooks = ("forward", "get_media_features", "get_position_ids")
+    params = [
+        p for name in hooks if hasattr(model, name) for p in inspect.signature(getattr(model, name)).parameters.values()
+    ]
+    accepted = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = sorted(set(media) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"generate() got {unknown}: neither a generation option nor an input of "
+            f"{type(model).__name__}.forward; check the spelling"
+        )
+
+
 def _prepare_prompt(model, input_ids, attention_mask, media: dict[str, Any]) -> _Prompt:
     features = model.get_media_features(**media) if media else None
     embeds = model.embed_inputs(input_ids, features)  # [B, S, hidden]
@@ -659,6 +675,7 @@ class GenerationMixin:
         if input_ids is None:
             raise UnsupportedFeatureError("generate() needs input_ids (the processor's output); got none")
         options, media = _split_kwargs(kwargs)
+        _check_media_keys(self, media)
         explicit = {
             "max_new_tokens": max_new_tokens,
             "do_sample": do_sample,

@@ -829,3 +829,13 @@ def test_qwen2_vl_video_generate_equals_own_full_forward(qwen_parts, qwen2_vl_ck
             for key in ("attention_mask", "mm_token_type_ids"):
                 seq[key] = torch.cat([seq[key], torch.full_like(seq[key][:, :1], key == "attention_mask")], 1)
     assert torch.equal(out, seq["input_ids"])
+
+
+def test_generate_refuses_a_misspelled_keyword(qwen2_vl_ckpt):
+    """A typo must not be swallowed as a 'media input' (transformers raises on unused model kwargs too)."""
+    from ocula import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen2_vl_ckpt)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ConfigError, match="max_new_token"):
+        model.generate(ids, max_new_token=3)

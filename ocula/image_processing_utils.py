@@ -9,7 +9,8 @@ Notable features:
 - rescale + normalise is one table lookup: every uint8 value maps to the exact float32 the reference computes
   (`normalize_table` reproduces both transformers' unfused NumPy path and its fused torchvision path);
 - `ProcessorOptions`: processors are typed dataclasses built from their JSON config; unknown keys are kept in
-  `extra`, call-time overrides go through `replace`; `ImageOptions` adds the rescale / normalise fields.
+  `extra`, call-time overrides go through `replace`, `options_key` is a call's effective options (for
+  content hashes); `ImageOptions` adds the rescale / normalise fields.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class ProcessorOptions:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **{k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}}
+
+    def options_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The effective options of a call (what a content hash must include)."""
+        options = self.replace(**{k: v for k, v in kwargs.items() if k != "return_tensors"})
+        return {k: v for k, v in options.to_dict().items() if k in self.field_names()}
 
 
 @dataclasses.dataclass

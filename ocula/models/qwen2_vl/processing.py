@@ -14,7 +14,8 @@ Notable features:
 - videos: frames sampled by `fps` or `num_frames` exactly as transformers' Qwen2-VL video processor does
   (rounded to temporal_patch_size, clamped to [min_frames, max_frames]); resized with the same torch kernel
   transformers' torchvision path uses; a frame count that is not a multiple of temporal_patch_size is
-  padded with the last frame; video files are decoded by `ocula.media.load_video` (PyAV);
+  padded with the last frame; decoding, batching and metadata are the shared `VideoLoaderMixin`
+  (`ocula.video_processing_utils`; files through `ocula.media.load_video`, PyAV);
 - the processor expands each `<|image_pad|>` / `<|video_pad|>` into grid.prod() // merge_size**2 tokens and
   returns `mm_token_type_ids` (0 text, 1 image, 2 video), which the model's M-RoPE needs.
 
@@ -28,30 +29,26 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-import PIL.Image
 import torch
 
 from ...batch import BatchFeature
 from ...errors import ConfigError, MediaError
 from ...image_processing_utils import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ProcessorOptions,
+    ImageOptions,
     flatten_images,
-    is_image,
     lookup,
     normalize_table,
     pil_resize,
     to_rgb_array,
     torch_resize,
 )
-from ...media import load_video, qwen2_vl_indices
+from ...media import qwen2_vl_indices
 from ...media.ops import lookup_pairs
 from ...processing_utils import ProcessorMixin
+from ...video_processing_utils import Video, VideoLoaderMixin
 
 __all__ = [
     "Qwen2VLImageProcessor",
@@ -133,19 +130,12 @@ def _size_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
-class _Qwen2VLOptions(ProcessorOptions):
-    """Options shared by the image and the video processor (field defaults are the image processor's)."""
+class _Qwen2VLOptions(ImageOptions):
+    """Options shared by the image and the video processor (field defaults are the image processor's):
+    `ImageOptions`' resize / rescale / normalise fields plus the pixel bounds and the patch geometry."""
 
-    do_resize: bool = True
     min_pixels: int = 56 * 56  # smallest resized area (size["shortest_edge"])
     max_pixels: int = 28 * 28 * 1280  # largest resized area (size["longest_edge"])
-    resample: int = 3  # PIL code; 3 = bicubic
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-    do_convert_rgb: bool = True  # inputs always become RGB; kept for config round trips
     patch_size: int = 14  # ViT patch side
     temporal_patch_size: int = 2  # frames per patch (an image is repeated to fill it)
     merge_size: int = 2  # merge window side: merge_size**2 patches -> one token
@@ -161,11 +151,6 @@ class _Qwen2VLOptions(ProcessorOptions):
     @property
     def size(self) -> dict[str, int]:
         return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
-
-    def options_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The effective options of a call (what a content hash must include)."""
-        options = self.replace(**{k: v for k, v in kwargs.items() if k != "return_tensors"})
-        return {k: v for k, v in options.to_dict().items() if k in self.field_names()}
 
     def _table(self, fused: bool) -> np.ndarray:
         mean, std = tuple(self.image_mean), tuple(self.image_std)
@@ -278,82 +263,7 @@ def _torch_resize_image(image: np.ndarray, height: int, width: int, resample: in
 
 
 @dataclasses.dataclass
-class Video:
-    """Decoded (and sampled) frames of one video with what is known about its source."""
-
-    frames: np.ndarray  # uint8 [T, H, W, 3]
-    total_num_frames: int  # frames in the source before sampling
-    fps: float | None  # source frame rate (None when unknown)
-    frames_indices: list[int]  # source index of each kept frame
-
-
-def _is_frame(x: Any) -> bool:
-    return isinstance(x, PIL.Image.Image) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 3)
-
-
-def _is_video(x: Any) -> bool:
-    if isinstance(x, (np.ndarray, torch.Tensor)):
-        return x.ndim == 4
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_is_frame(f) for f in x)
-
-
-def flatten_videos(videos: Any) -> list[Any]:
-    """transformers' `make_batched_videos`: a flat list of videos (paths, arrays, frame lists)."""
-    try:  # per-sample lists of videos given as lists of frame paths
-        if isinstance(videos[0][0], (list, tuple)) and isinstance(videos[0][0][0], str):
-            return [paths for sample in videos for paths in sample]
-    except (IndexError, TypeError, KeyError):
-        pass
-    if isinstance(videos, (np.ndarray, torch.Tensor)) and videos.ndim == 5:
-        return list(videos)
-    if isinstance(videos, str) or _is_video(videos):
-        return [videos]
-    if is_image(videos):
-        return [[videos]]
-    if not isinstance(videos, (list, tuple)):
-        raise MediaError(
-            f"Cannot read videos from a {type(videos).__name__}: pass a path, a [T, H, W, C] "
-            "array, a list of frames, or a (nested) list of them."
-        )
-    flat: list[Any] = []
-    for item in videos:
-        if isinstance(item, str) or _is_video(item):
-            flat.append(item)
-        elif isinstance(item, (list, tuple)) and item:
-            flat.extend(flatten_videos(item))
-    return flat
-
-
-def _frames_array(video: Any) -> np.ndarray:
-    """A 4-D array / tensor (TCHW or THWC) or a list of frames -> uint8 RGB [T, H, W, 3]."""
-    if isinstance(video, (list, tuple)):
-        return np.stack([to_rgb_array(frame) for frame in video])
-    array = video.detach().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
-    if array.shape[1] in (1, 3):  # like transformers, a second axis of 1 or 3 is the channel axis
-        array = array.transpose(0, 2, 3, 1)
-    if array.dtype == np.uint8 and array.shape[-1] == 3:
-        return array
-    return np.stack([to_rgb_array(frame, channels_last=True) for frame in array])
-
-
-def _metadata_list(video_metadata: Any, count: int) -> list[dict[str, Any]] | None:
-    if video_metadata is None:
-        return None
-    if not isinstance(video_metadata, (list, tuple)):
-        video_metadata = [video_metadata]
-    if video_metadata and isinstance(video_metadata[0], (list, tuple)):
-        video_metadata = [m for sample in video_metadata for m in sample]
-    if len(video_metadata) != count:
-        raise MediaError(
-            f"Got {count} videos but {len(video_metadata)} video_metadata entries: pass one per video."
-        )
-    return [
-        m if isinstance(m, dict) else dict(m) if isinstance(m, Mapping) else vars(m) for m in video_metadata
-    ]
-
-
-@dataclasses.dataclass
-class Qwen2VLVideoProcessor(_Qwen2VLOptions):
+class Qwen2VLVideoProcessor(VideoLoaderMixin, _Qwen2VLOptions):
     """Videos -> `pixel_values_videos` float32 `[sum t*h*w, 1176]` and `video_grid_thw` int64 `[n, 3]`."""
 
     min_pixels: int = 128 * 28 * 28
@@ -373,41 +283,7 @@ class Qwen2VLVideoProcessor(_Qwen2VLOptions):
     def accepted_kwargs(cls) -> frozenset[str]:
         return cls.field_names() | {"size", "video_metadata"}
 
-    # Decoding and frame sampling -------------------------------------------------------------------------
-
-    def load(self, videos: Any, kwargs: dict[str, Any] | None = None) -> list[Video]:
-        """Decode every video and sample its frames as the call's options say."""
-        kwargs = dict(kwargs or {})
-        metadata = kwargs.pop("video_metadata", None)
-        options = self.replace(**kwargs)
-        flat = flatten_videos(videos)
-        metas = _metadata_list(metadata, len(flat))
-        return [options._load_one(video, metas[i] if metas else None) for i, video in enumerate(flat)]
-
-    def _load_one(self, video: Any, meta: dict[str, Any] | None) -> Video:
-        if isinstance(video, str):  # decode only the frames that are kept, as transformers does
-            sample = (
-                (lambda m: self.sample_indices(m.total_num_frames, m.fps)) if self.do_sample_frames else None
-            )
-            frames, info = load_video(video, sample_indices_fn=sample)
-            return Video(frames, info.total_num_frames, info.fps, list(info.frames_indices))
-        elif isinstance(video, (list, tuple)) and video and isinstance(video[0], str):
-            if self.do_sample_frames:
-                raise MediaError(
-                    "Frames given as image paths cannot be sampled: pass do_sample_frames=False."
-                )
-            frames = np.stack([to_rgb_array(f) for f in video])
-            return Video(frames, len(frames), None, list(range(len(frames))))
-        else:
-            frames = _frames_array(video)
-            meta = meta or {}
-            clip = Video(
-                frames,
-                int(meta.get("total_num_frames") or len(frames)),
-                meta.get("fps"),
-                list(range(len(frames))),
-            )
-        return self._sample(clip) if self.do_sample_frames else clip
+    # Frame sampling (decoding is VideoLoaderMixin.load) ------------------------------------------------
 
     def sample_indices(self, total_num_frames: int, video_fps: float | None) -> list[int]:
         """transformers' Qwen2-VL `sample_frames`: uniform indices for num_frames or fps * duration."""
@@ -420,15 +296,6 @@ class Qwen2VLVideoProcessor(_Qwen2VLOptions):
             min_frames=self.min_frames,
             max_frames=self.max_frames,
         ).tolist()
-
-    def _sample(self, clip: Video) -> Video:
-        indices = self.sample_indices(clip.total_num_frames, clip.fps)
-        if indices and max(indices) >= len(clip.frames):
-            raise MediaError(
-                f"The video says it has {clip.total_num_frames} frames but {len(clip.frames)} were "
-                "decoded: pass video_metadata with the right total_num_frames."
-            )
-        return Video(clip.frames[indices], clip.total_num_frames, clip.fps, indices)
 
     # Preprocessing -----------------------------------------------------------------------------------------
 

@@ -131,11 +131,6 @@ class Idefics2ImageProcessor(ImageOptions):
         """Images each input image becomes."""
         return CROPS_WHEN_SPLIT if self.do_image_splitting else 1
 
-    def options_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The effective options of a call (what a content hash must include)."""
-        options = self.replace(**{k: v for k, v in kwargs.items() if k != "return_tensors"})
-        return {k: v for k, v in options.to_dict().items() if k in self.field_names()}
-
     def load(self, images: Any) -> list[list[np.ndarray]]:
         """Decode every image of every sample into uint8 RGB [H, W, 3]."""
         return [[to_rgb_array(image) for image in sample] for sample in nest_images(images)]

@@ -157,11 +157,6 @@ class _Options(ImageOptions):
 
     size: dict = dataclasses.field(default_factory=lambda: {"height": 384, "width": 384})  # the tile
 
-    def options_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The effective options of a call (what a content hash must include)."""
-        options = self.replace(**{k: v for k, v in kwargs.items() if k != "return_tensors"})
-        return {k: v for k, v in options.to_dict().items() if k in self.field_names()}
-
     def _normalized(self, pixels: np.ndarray, fused: bool) -> torch.Tensor:
         """uint8 [T, 3, H, W] -> rescaled and normalised float32 [T, 3, H, W] (one table lookup)."""
         table = normalize_table(

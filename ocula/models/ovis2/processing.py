@@ -164,11 +164,6 @@ class Ovis2ImageProcessor(ImageOptions):
     def tile(self) -> tuple[int, int]:
         return self.size["height"], self.size["width"]
 
-    def options_key(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The effective options of a call (what a content hash must include)."""
-        options = self.replace(**{k: v for k, v in kwargs.items() if k != "return_tensors"})
-        return {k: v for k, v in options.to_dict().items() if k in self.field_names()}
-
     def load(self, images: Any) -> list[np.ndarray]:
         """Decode every image (a flat or per-sample nested list) into uint8 RGB `[H, W, 3]`."""
         return [to_rgb_array(image) for image in flatten_images(images)]

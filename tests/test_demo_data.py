@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ocula.demo import shapes, write_skeleton
-from ocula.demo.batches import make_batch
+from ocula.demo.batches import colour_warmup_samples, make_batch, train_samples
 from ocula.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 
 SEEDS = range(120)
@@ -136,6 +136,18 @@ def test_splits_are_disjoint():
     assert not train & heldout
 
 
+def test_colour_warmup_asks_one_shape_scenes_for_their_colour():
+    first, second = colour_warmup_samples(0, 16), colour_warmup_samples(1, 16)
+    assert [s.seed for s in first] == [s.seed for s in colour_warmup_samples(0, 16)]  # reproducible
+    assert all(s.qtype == "colour" and len(s.scene.shapes) == 1 for s in first + second)
+    assert all(s.answer == s.scene.shapes[0].colour for s in first)
+    seeds = {s.seed for s in first + second}
+    assert len(seeds) == 32 and all(seed in shapes.TRAIN_SEEDS for seed in seeds)
+    mixed = {s.seed for step in range(3) for s in train_samples(step, 16)}
+    assert not seeds & mixed  # the two phases never share an image
+    assert len({s.answer for s in first + second}) >= 5
+
+
 def test_tokenizer_round_trips_any_text(tokenizer):
     texts = ["What colour is the circle?", "a red circle left of a blue square", "How many shapes? 3",
              "Größe 🙂 日本語\n\ttabs  and  spaces", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"]
@@ -204,14 +216,33 @@ def test_batches_label_only_the_answer_and_its_end(skeleton):
     assert not ((batch.labels == image_token).any())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(folder, model) after two steps of scripts/train_demo.py with transformers' classes."""
-    pytest.importorskip("transformers")
+def _train_demo_module():
     path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
     spec = importlib.util.spec_from_file_location("train_demo", path)
     train_demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_demo)
+    return train_demo
+
+
+def test_training_is_reproducible_from_its_seed(tmp_path):
+    """Same flags, same weights: both curriculum phases (one warmup step, one mixed step) replay exactly."""
+    train_demo = _train_demo_module()
+    states = []
+    for name in ("a", "b"):
+        args = train_demo.parse_args(["--out", str(tmp_path / name), "--steps", "2", "--colour-warmup", "1",
+                                      "--batch-size", "2", "--eval-every", "0", "--eval-images", "1",
+                                      "--threads", "1"])
+        model, _ = train_demo.train(args)
+        states.append(model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(folder, model) after two steps of scripts/train_demo.py with transformers' classes."""
+    pytest.importorskip("transformers")
+    train_demo = _train_demo_module()
     folder = tmp_path_factory.mktemp("trained")
     args = train_demo.parse_args(["--out", str(folder), "--steps", "2", "--batch-size", "4", "--eval-images", "2",
                                   "--threads", "1", "--backend", "transformers"])

@@ -5,6 +5,10 @@ Notable features:
   processor's own chat template, so training sees exactly the prompt `ocula run` builds at inference.
 - Labels are -100 everywhere except the answer tokens and the `<|im_end|>` that closes them: the model
   learns to answer and to stop, never to predict the prompt or the image placeholders.
+- `colour_warmup_samples`: single-shape scenes asked only for their colour, the curriculum's first phase.
+  Mixed from the start, a tiny model learns shape first and its vision tower drops hue before the
+  answer tokens ever learn to read it (colour stays at chance); a few hundred colour-only steps on
+  one-shape scenes make colour click, and the mixed phase then keeps it.
 - `exact_match` scores teacher-forced logits: every answer token (and `<|im_end|>`) being the argmax is
   the same event as greedy decoding producing exactly the answer, at the cost of one forward pass.
 Works with any processor that has transformers' Qwen2-VL call signature (ocula's or transformers').
@@ -66,6 +70,21 @@ def train_samples(step: int, batch_size: int, offset: int = 0) -> list[shapes.Sa
     """The samples of one training step: consecutive train seeds, so a run is reproducible and never repeats."""
     start = shapes.TRAIN_SEEDS.start + offset + step * batch_size
     return [shapes.sample(seed) for seed in range(start, start + batch_size)]
+
+
+COLOUR_WARMUP_OFFSET = 500_000_000  # warmup seeds sit far from the mixed phase's, so no image is reused
+
+
+def colour_warmup_samples(step: int, batch_size: int) -> list[shapes.Sample]:
+    """Colour questions about one-shape scenes: the next `batch_size` such train seeds of warmup step `step`."""
+    seed = shapes.TRAIN_SEEDS.start + COLOUR_WARMUP_OFFSET + step * batch_size * 4  # ~1/3 of seeds qualify
+    out: list[shapes.Sample] = []
+    while len(out) < batch_size:
+        sample = shapes.sample(seed, "colour")
+        if len(sample.scene.shapes) == 1:
+            out.append(sample)
+        seed += 1
+    return out
 
 
 def heldout_samples(qtype: str, n: int) -> list[shapes.Sample]:

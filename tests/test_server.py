@@ -438,3 +438,15 @@ def test_media_policy_refuses_private_addresses_and_escapes_from_the_folder(tmp_
         read_media("http://localhost:1/a.png", MediaPolicy())
     with pytest.raises(MediaError):
         read_media("data:image/png;base64," + "A" * 100, MediaPolicy(max_bytes=10))
+
+
+def test_oversized_image_error_names_the_server_flag():
+    from ocula.errors import MediaTooLargeError
+    from ocula.server.chat import ChatPreparer, MediaLimits
+
+    buffer = io.BytesIO()
+    make_image(64, 64).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    preparer = ChatPreparer(processor=None, policy=MediaPolicy(), limits=MediaLimits(max_image_pixels=1000))
+    with pytest.raises(MediaTooLargeError, match="--max-image-pixels"):
+        preparer.load_image(url)

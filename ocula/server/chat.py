@@ -97,7 +97,11 @@ class ChatPreparer:
 
     def load_image(self, url: str):
         data = read_media(url, self.policy)
-        return load_image(data, max_pixels=self.limits.max_image_pixels)
+        try:
+            return load_image(data, max_pixels=self.limits.max_image_pixels)
+        except MediaTooLargeError as error:  # name the server's own setting, not the library argument
+            message = str(error).replace("raise max_pixels", "start the server with a larger --max-image-pixels")
+            raise MediaTooLargeError(message) from None
 
     def load_video(self, url: str) -> np.ndarray:
         """Frames uint8 [T, H, W, 3], at most `max_video_frames` of them, evenly spaced."""

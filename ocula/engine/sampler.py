@@ -41,13 +41,6 @@ def sample_tokens(
     return out
 
 
-def sample_token(
-    logits: torch.Tensor, seq: Sequence, banned: list[int] = ()
-) -> tuple[int, dict[int, float] | None]:
-    """One sequence: `sample_tokens` on a single row [V]."""
-    return sample_tokens(logits[None], [seq], [list(banned)])[0]
-
-
 def _row(seq: Sequence) -> dict:
     params = seq.request.params
     return {

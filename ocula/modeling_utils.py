@@ -8,6 +8,8 @@ Notable features:
   checkpoint's first floating dtype; also a torch.dtype or a name such as "bfloat16";
 - `device` / `device_map` ("auto", "cpu", "cuda", "cuda:1", an index, or a dict placing everything on one
   device); `attn_implementation` of any kind runs the SDPA path; `quantization_config` is refused;
+- `save_pretrained(folder, max_shard_size=...)`: config, generation config and (sharded) safetensors in
+  transformers 5's names, which ocula and transformers both load;
 - `.generation_config` from generation_config.json, `.device`, `.dtype`, `num_parameters()`,
   `tie_weights()`; `generate()` comes from `GenerationMixin`;
 - `TextContractMixin`: the text half of the model contract (`embed_inputs`, `get_position_ids` for 1-D
@@ -17,6 +19,7 @@ Notable features:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from .configuration_utils import BaseConfig, dtype_name
@@ -246,6 +250,36 @@ class PreTrainedModel(GenerationMixin, nn.Module):
             )
         return super().__call__(*args, **kwargs)
 
+    # -- saving ----------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        **ignored: Any,
+    ) -> None:
+        """Write config.json, generation_config.json and safetensors weights (sharded past `max_shard_size`,
+        with model.safetensors.index.json) that ocula and transformers both load. Tied copies are not written,
+        as transformers does; `push_to_hub` and other hub options are ignored."""
+        if not safe_serialization:
+            raise UnsupportedFeatureError("save_pretrained(safe_serialization=False): ocula writes safetensors only.")
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise ConfigError(f"save_pretrained needs a folder, and {folder} is a file.")
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {**self.config.to_dict(), "architectures": [type(self).__name__], "dtype": dtype_name(self.dtype)}
+        _write_json(folder / "config.json", config)
+        generation = self.generation_config.to_dict()
+        if generation:
+            _write_json(folder / "generation_config.json", generation)
+        state = state_dict if state_dict is not None else self.state_dict()
+        tied = self._tied_map()
+        tensors = {name: value.detach().to("cpu").contiguous() for name, value in state.items() if name not in tied}
+        _save_shards(tensors, folder, _size_bytes(max_shard_size))
+
     # -- properties ------------------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -267,6 +301,47 @@ class PreTrainedModel(GenerationMixin, nn.Module):
             for p in self.parameters()  # parameters() yields a tied tensor once
             if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in embeddings)
         )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _size_bytes(size: int | str) -> int:
+    """5_000_000, "5GB", "500MB" or "2GiB" -> bytes (transformers' max_shard_size spellings)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"max_shard_size={size!r}: use bytes (an int) or a string such as '5GB' or '500MB'.")
+    unit = match.group(2).upper()
+    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> None:
+    """model.safetensors, or model-0000k-of-0000n.safetensors + index when the tensors exceed max_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, value in tensors.items():
+        size = value.numel() * value.element_size()
+        if shards[-1] and used + size > max_bytes:  # a tensor larger than a shard gets a shard of its own
+            shards.append({})
+            used = 0
+        shards[-1][name] = value
+        used += size
+    for stale in [*folder.glob("model*.safetensors"), folder / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a previous save with another sharding would mix with this one
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 class TextContractMixin:

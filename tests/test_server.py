@@ -281,6 +281,11 @@ def test_errors_have_openai_shape_and_status(served):
     assert _error(served, chat(user(image_part(huge), "hi"))).status_code == 413
     too_long = user("hello " * 2000)
     assert _error(served, chat(too_long)).status_code == 413
+    no_room = _error(served, lambda c: c.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=1020))
+    assert no_room.status_code == 400 and no_room.body["code"] == "context_length_exceeded"
+    assert "maximum context length is 1024 tokens" in no_room.message and no_room.body["param"] == "max_tokens"
+    fits = served.client().chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=8)
+    assert fits.choices[0].message.content is not None
     refused = _error(served, chat(user(image_part("file:///etc/hostname"), "hi")))
     assert refused.status_code == 400 and "--allowed-local-media-path" in refused.message
     assert _error(served, chat(user("hi"), temperature=-1)).status_code == 400
@@ -370,7 +375,7 @@ def test_disconnect_while_waiting_for_a_whole_answer_aborts_it(served):
     assert served.idle()
     metrics = served.app.state.server.metrics
     closed = metrics.requests[499]
-    body = json.dumps({"model": MODEL, "messages": user("Tell me a long story about the boat."), "max_tokens": 990,
+    body = json.dumps({"model": MODEL, "messages": user("Tell me a long story about the boat."), "max_tokens": 960,
                        "temperature": 0, "n": 4, "ignore_eos": True}).encode()
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()

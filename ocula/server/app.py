@@ -144,6 +144,17 @@ class Server:
                                 f"{self.config.served_model_name!r} (see GET /v1/models).",
                            code="model_not_found", param="model")
 
+    def check_context(self, prompt_tokens: int, max_tokens: int | None) -> None:
+        """An explicit max_tokens the context cannot hold is the client's mistake: 400, as OpenAI answers.
+        Without one, the answer may use whatever room the prompt leaves (or --default-max-tokens); a prompt
+        that alone fills the context is the engine's 413."""
+        context = self.engine.engine.config.max_model_len
+        if max_tokens is not None and prompt_tokens < context < prompt_tokens + max_tokens:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you "
+                                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+                                f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                                "completion.", code="context_length_exceeded", param="max_tokens")
+
     async def chat(self, request: Request) -> Response:
         self.check_key(request)
         body = await self.read_body(request)
@@ -155,6 +166,7 @@ class Server:
         try:
             params = body.to_sampling_params(self.config.default_max_tokens)
             prepared = await cancel_on_disconnect(request, self.preparer.prepare_async(body.messages))
+            self.check_context(len(prepared.prompt_token_ids), body.max_completion_tokens or body.max_tokens)
             stream = CompletionStream(self.engine, body, self.processor.tokenizer, prepared.prompt_token_ids,
                                       params, to_engine_media(prepared.processed))
             first = await cancel_on_disconnect(request, stream.start())

@@ -19,6 +19,7 @@ Notable features:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -209,7 +210,45 @@ class ProcessorMixin:
         }
         tokenizer = Tokenizer.from_pretrained(folder, **tokenizer_kwargs)
         chat_template = kwargs.get("chat_template") or files.chat_template or tokenizer.chat_template
-        return cls(image_processor, tokenizer, video_processor, chat_template=chat_template, **extra)
+        processor = cls(image_processor, tokenizer, video_processor, chat_template=chat_template, **extra)
+        processor._source = (files, {k: v for k, v in kwargs.items() if k in taken})
+        return processor
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **ignored: Any) -> list[str]:
+        """Write the folder transformers 5 writes: tokenizer files, processor_config.json with the image and
+        video processor configs nested (the loaded ones, with load-time overrides), chat_template.jinja.
+        Works on a processor loaded with from_pretrained; `push_to_hub` and other options are ignored."""
+        source = self.__dict__.get("_source")
+        if source is None:
+            raise UnsupportedFeatureError(
+                "save_pretrained works on a processor loaded with from_pretrained: it writes back the "
+                "configuration it was loaded from."
+            )
+        files, overrides = source
+        folder = Path(save_directory)
+        written = list(self.tokenizer.save_pretrained(folder))
+        config = {key: value for key, value in files.processor.items() if key != "chat_template"}
+        for key in self.processor_fields:
+            if hasattr(self, key):
+                config[key] = getattr(self, key)
+        for key, sub, sub_config in (("image_processor", self.image_processor, files.image),
+                                     ("video_processor", self.video_processor, files.video)):
+            if sub is not None:
+                taken = {k: v for k, v in overrides.items() if k in type(sub).accepted_kwargs()}
+                config[key] = {**(sub_config or {}), **taken}
+        config["processor_class"] = type(self).__name__
+        path = folder / "processor_config.json"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(str(path))
+        templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+        for name, template in templates.items():
+            if template is None:
+                continue
+            path = folder / ("chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(template, encoding="utf-8")
+            written.append(str(path))
+        return written
 
     @staticmethod
     def _sub_kwargs(sub_cls: type | None) -> frozenset[str]:

@@ -65,6 +65,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "padding_side": "left"},
     "plain": {},
 }
+SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PADDING_STRATEGIES = (False, True, "longest", "max_length", "do_not_pad")
 
 
@@ -372,7 +373,34 @@ class Tokenizer:
         backend = build_backend(files)
         _register_special_tokens(backend, specials)
         config = {**files.config, "name_or_path": str(name_or_path)}
-        return cls(backend, specials, config, files.chat_template, files.pipeline)
+        tokenizer = cls(backend, specials, config, files.chat_template, files.pipeline)
+        tokenizer._source = {name: (folder / name).read_bytes() for name in SOURCE_FILES if (folder / name).is_file()}
+        tokenizer._load_overrides = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+        return tokenizer
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **ignored: Any) -> tuple[str, ...]:
+        """Write the tokenizer files this tokenizer was loaded from (tokenizer.json, tokenizer_config.json,
+        special_tokens_map.json), with the load-time overrides and the current padding side applied."""
+        source = self.__dict__.get("_source")
+        if not source:
+            raise UnsupportedFeatureError(
+                "save_pretrained works on a tokenizer loaded with from_pretrained: it writes back the files it "
+                "was loaded from."
+            )
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, data in source.items():
+            if name == "tokenizer_config.json":
+                config = {**json.loads(data), **self.__dict__.get("_load_overrides", {}),
+                          "padding_side": self.padding_side}
+                for key in NAMED_SPECIAL_TOKENS:  # `tokenizer.pad_token = ...` after loading is kept
+                    if self.specials.named.get(key) != _token_str(config.get(key)):
+                        config[key] = self.specials.named.get(key)
+                data = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+            (folder / name).write_bytes(data)
+            written.append(str(folder / name))
+        return tuple(written)
 
     # ------------------------------------------------------------------------------------ special tokens
 

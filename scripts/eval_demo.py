@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ocula.demo import shapes
-from ocula.demo.batches import accuracy, conversation, heldout_samples
+from ocula.demo.batches import conversation, correct, heldout_samples
 
 TARGETS = {"shape": 0.95, "colour": 0.95, "count": 0.90, "position": 0.90}
 
@@ -60,15 +60,27 @@ def generated_answers(model, processor, samples: list[shapes.Sample]) -> list[st
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def generate_accuracy(model, processor, n: int, batch_size: int) -> dict[str, float]:
+def answered(model, processor, samples: list[shapes.Sample], batch_size: int, generate: bool) -> list[bool]:
+    if not generate:
+        return correct(model, processor, samples, batch_size)
+    flags = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        flags += [a.strip() == s.answer for a, s in zip(generated_answers(model, processor, chunk), chunk)]
+    return flags
+
+
+def report(model, processor, n: int, batch_size: int, generate: bool) -> dict[str, dict[str, float]]:
+    """{question type: {"all": accuracy, "1 shape": ..., "2 shapes": ..., "3 shapes": ...}}."""
     scores = {}
     for qtype in shapes.QUESTION_TYPES:
-        samples, correct = heldout_samples(qtype, n), 0
-        for start in range(0, n, batch_size):
-            chunk = samples[start:start + batch_size]
-            answers = generated_answers(model, processor, chunk)
-            correct += sum(a.strip() == s.answer for a, s in zip(answers, chunk))
-        scores[qtype] = correct / n
+        samples = heldout_samples(qtype, n)
+        flags = answered(model, processor, samples, batch_size, generate)
+        row = {"all": sum(flags) / n}
+        for count in (1, 2, 3):
+            picked = [f for f, s in zip(flags, samples) if len(s.scene.shapes) == count]
+            row[f"{count} shape{'s' * (count > 1)}"] = round(sum(picked) / max(1, len(picked)), 4)
+        scores[qtype] = row
     return scores
 
 
@@ -76,11 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     processor, model = load(args.checkpoint, args.backend)
-    if args.generate:
-        scores = generate_accuracy(model, processor, args.images, args.batch_size)
-    else:
-        scores = accuracy(model, processor, args.images, args.batch_size)
-    missed = {q: t for q, t in TARGETS.items() if scores[q] < t}
+    scores = report(model, processor, args.images, args.batch_size, args.generate)
+    missed = {q: t for q, t in TARGETS.items() if scores[q]["all"] < t}
     print(json.dumps({"images_per_type": args.images, "accuracy": scores, "missed_targets": missed}, indent=2))
     return 1 if missed else 0
 

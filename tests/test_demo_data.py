@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ocula.demo import shapes, write_skeleton
-from ocula.demo.batches import colour_warmup_samples, make_batch, train_samples
+from ocula.demo.batches import WARMUP_TYPES, make_batch, train_samples, warmup_samples
 from ocula.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 
 SEEDS = range(120)
@@ -136,16 +136,20 @@ def test_splits_are_disjoint():
     assert not train & heldout
 
 
-def test_colour_warmup_asks_one_shape_scenes_for_their_colour():
-    first, second = colour_warmup_samples(0, 16), colour_warmup_samples(1, 16)
-    assert [s.seed for s in first] == [s.seed for s in colour_warmup_samples(0, 16)]  # reproducible
-    assert all(s.qtype == "colour" and len(s.scene.shapes) == 1 for s in first + second)
-    assert all(s.answer == s.scene.shapes[0].colour for s in first)
+def test_warmup_asks_one_shape_scenes_for_colour_shape_and_caption():
+    first, second = warmup_samples(0, 16), warmup_samples(1, 16)
+    assert [s.seed for s in first] == [s.seed for s in warmup_samples(0, 16)]  # reproducible
+    assert all(len(s.scene.shapes) == 1 for s in first + second)
+    assert [s.qtype for s in first[:6]] == list(WARMUP_TYPES) * 2
+    shape = lambda s: s.scene.shapes[0]  # noqa: E731
+    expected = {"colour": lambda s: shape(s).colour, "shape": lambda s: shape(s).kind,
+                "caption": lambda s: f"{'an' if shape(s).colour == 'orange' else 'a'} {shape(s).colour} {shape(s).kind}"}
+    assert all(s.answer == expected[s.qtype](s) for s in first + second)
     seeds = {s.seed for s in first + second}
     assert len(seeds) == 32 and all(seed in shapes.TRAIN_SEEDS for seed in seeds)
     mixed = {s.seed for step in range(3) for s in train_samples(step, 16)}
     assert not seeds & mixed  # the two phases never share an image
-    assert len({s.answer for s in first + second}) >= 5
+    assert len({s.answer for s in first + second if s.qtype == "colour"}) >= 4
 
 
 def test_tokenizer_round_trips_any_text(tokenizer):
@@ -229,13 +233,26 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     train_demo = _train_demo_module()
     states = []
     for name in ("a", "b"):
-        args = train_demo.parse_args(["--out", str(tmp_path / name), "--steps", "2", "--colour-warmup", "1",
+        args = train_demo.parse_args(["--out", str(tmp_path / name), "--steps", "2", "--curriculum", "shape:1",
                                       "--batch-size", "2", "--eval-every", "0", "--eval-images", "1",
                                       "--threads", "1"])
         model, _ = train_demo.train(args)
         states.append(model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_curriculum_phases_come_in_order_then_the_full_mix():
+    train_demo = _train_demo_module()
+    args = train_demo.parse_args(["--curriculum", "shape:2,colour+caption:2", "--batch-size", "4"])
+    assert args.curriculum == [(("shape",), 2), (("colour", "caption"), 2)]
+    phases = [train_demo.step_samples(step, args) for step in range(5)]
+    assert all(s.qtype == "shape" and len(s.scene.shapes) == 1 for step in phases[:2] for s in step)
+    assert [s.qtype for s in phases[2]] == ["colour", "caption"] * 2
+    assert [s.seed for s in phases[4]] == [s.seed for s in train_samples(0, 4)]  # then the mix from its start
+    assert train_demo.parse_args([]).curriculum == train_demo.parse_curriculum(train_demo.DEFAULT_CURRICULUM)
+    with pytest.raises(SystemExit):
+        train_demo.parse_args(["--curriculum", "position:10"])  # only shape / colour / caption phases
 
 
 @pytest.fixture(scope="module")

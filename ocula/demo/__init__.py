@@ -35,11 +35,18 @@ class DemoSize:
     vision_embed_dim: int = 96  # ViT width
     vision_heads: int = 4  # ViT heads (head dim 24: 2-D rotary needs a multiple of 4)
     text_hidden: int = 128  # decoder width; the patch merger projects into it
-    text_layers: int = 2  # decoder layers
+    text_layers: int = 3  # decoder layers
     text_heads: int = 4  # head dim 32
     text_kv_heads: int = 2
     text_intermediate: int = 384  # SwiGLU width
     mrope_section: tuple[int, int, int] = (4, 6, 6)  # (t, h, w) halves of the rotary dims: sums to head_dim/2
+    # M-RoPE gives the image rows and columns the slowest rotary frequencies: with the usual base (10000)
+    # neighbouring cells of a 4x4 token grid differ by under 0.1 radian there, and a two-layer decoder cannot
+    # tell "top left" from "top right". Base 2 puts every frequency between 0.5 and 1 radian per position.
+    rope_theta: float = 2.0
+    # The processor's pixel budget is image_side**2: a 112-pixel shapes image gives (112 / 28)**2 = 16 image
+    # tokens, four per shape; 56 shrinks it to 4 tokens, one per grid cell.
+    image_side: int = 112
 
     def __post_init__(self):
         head_dim = self.text_hidden // self.text_heads
@@ -73,7 +80,7 @@ def model_config(vocab_size: int, ids: dict[str, int], size: DemoSize = DEMO_SIZ
         "num_hidden_layers": size.text_layers,
         "num_key_value_heads": size.text_kv_heads,
         "rms_norm_eps": 1e-06,
-        "rope_theta": 10000.0,
+        "rope_theta": size.rope_theta,
         "rope_scaling": {"type": "mrope", "mrope_section": list(size.mrope_section)},
         "sliding_window": 4096,
         "use_sliding_window": False,
@@ -130,7 +137,7 @@ def write_skeleton(folder: str | Path, size: DemoSize = DEMO_SIZE) -> Path:
     vocab_size = -(-tok.get_vocab_size() // 64) * 64  # rows past the tokenizer are never produced
     _write_json(folder / "config.json", model_config(vocab_size, ids, size))
     _write_json(folder / "generation_config.json", generation_config(ids))
-    _write_json(folder / "preprocessor_config.json", preprocessor_config())
+    _write_json(folder / "preprocessor_config.json", preprocessor_config(size.image_side))
     return folder
 
 

@@ -5,10 +5,9 @@ Notable features:
   processor's own chat template, so training sees exactly the prompt `ocula run` builds at inference.
 - Labels are -100 everywhere except the answer tokens and the `<|im_end|>` that closes them: the model
   learns to answer and to stop, never to predict the prompt or the image placeholders.
-- `colour_warmup_samples`: single-shape scenes asked only for their colour, the curriculum's first phase.
-  Mixed from the start, a tiny model learns shape first and its vision tower drops hue before the
-  answer tokens ever learn to read it (colour stays at chance); a few hundred colour-only steps on
-  one-shape scenes make colour click, and the mixed phase then keeps it.
+- `warmup_samples`: one-shape scenes asked given question types in turn, the phases of the curriculum
+  (scripts/train_demo.py). On one shape there is nothing to bind, so an attribute asked alone clicks in a
+  few hundred steps; asked together from the start, the tiny vision tower learns colour and not shape.
 - `exact_match` scores teacher-forced logits: every answer token (and `<|im_end|>`) being the argmax is
   the same event as greedy decoding producing exactly the answer, at the cost of one forward pass.
 Works with any processor that has transformers' Qwen2-VL call signature (ocula's or transformers').
@@ -72,15 +71,16 @@ def train_samples(step: int, batch_size: int, offset: int = 0) -> list[shapes.Sa
     return [shapes.sample(seed) for seed in range(start, start + batch_size)]
 
 
-COLOUR_WARMUP_OFFSET = 500_000_000  # warmup seeds sit far from the mixed phase's, so no image is reused
+WARMUP_OFFSET = 500_000_000  # warm-up seeds sit far from the mixed phase's, so no image is reused
+WARMUP_TYPES = ("colour", "shape", "caption")  # on one shape: its colour, its kind, and both ("a red circle")
 
 
-def colour_warmup_samples(step: int, batch_size: int) -> list[shapes.Sample]:
-    """Colour questions about one-shape scenes: the next `batch_size` such train seeds of warmup step `step`."""
-    seed = shapes.TRAIN_SEEDS.start + COLOUR_WARMUP_OFFSET + step * batch_size * 4  # ~1/3 of seeds qualify
+def warmup_samples(step: int, batch_size: int, qtypes: tuple[str, ...] = WARMUP_TYPES) -> list[shapes.Sample]:
+    """One-shape scenes asked the question types `qtypes` in turn: the batch of warm-up step `step`."""
+    seed = shapes.TRAIN_SEEDS.start + WARMUP_OFFSET + step * batch_size * 4  # ~1/3 of seeds qualify
     out: list[shapes.Sample] = []
     while len(out) < batch_size:
-        sample = shapes.sample(seed, "colour")
+        sample = shapes.sample(seed, qtypes[len(out) % len(qtypes)])
         if len(sample.scene.shapes) == 1:
             out.append(sample)
         seed += 1
@@ -93,16 +93,19 @@ def heldout_samples(qtype: str, n: int) -> list[shapes.Sample]:
 
 
 @torch.no_grad()
-def accuracy(model, processor, n: int = 500, batch_size: int = 50) -> dict[str, float]:
-    """Exact-match accuracy per question type on the first `n` held-out images (teacher-forced, greedy-equal)."""
+def correct(model, processor, samples: list[shapes.Sample], batch_size: int = 50) -> list[bool]:
+    """Whether the model's greedy answer to each sample is exactly right (teacher-forced, one pass per batch)."""
     was_training = model.training
     model.eval()
-    scores = {}
-    for qtype in shapes.QUESTION_TYPES:
-        samples, correct = heldout_samples(qtype, n), 0
-        for start in range(0, n, batch_size):
-            batch = make_batch(processor, samples[start:start + batch_size])
-            correct += int(exact_match(model(**batch.inputs).logits, batch.labels).sum())
-        scores[qtype] = correct / n
+    flags: list[bool] = []
+    for start in range(0, len(samples), batch_size):
+        batch = make_batch(processor, samples[start:start + batch_size])
+        flags += exact_match(model(**batch.inputs).logits, batch.labels).tolist()
     model.train(was_training)
-    return scores
+    return flags
+
+
+def accuracy(model, processor, n: int = 500, batch_size: int = 50) -> dict[str, float]:
+    """Exact-match accuracy per question type on the first `n` held-out images (teacher-forced, greedy-equal)."""
+    return {qtype: sum(correct(model, processor, heldout_samples(qtype, n), batch_size)) / n
+            for qtype in shapes.QUESTION_TYPES}

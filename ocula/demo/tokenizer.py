@@ -64,10 +64,12 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-BPE_VOCAB_SIZE = 400  # 256 byte symbols + 144 merges: the closed vocabulary becomes mostly whole words
+BPE_VOCAB_SIZE = 432  # 256 byte symbols + 176 merges: the closed vocabulary becomes mostly whole words
 _CORPUS_SEEDS = range(4000)  # training seeds; the tokenizer sees no held-out question
+# The chat template's own words come with every sample, so they are weighted like it: whole-word tokens
+# for "system", "You are a helpful assistant." and "user" make every training sequence ~14 tokens shorter.
+_TEMPLATE_TEXT = ("system\nYou are a helpful assistant.", "user\n", "assistant\n")
 _EXTRA_TEXT = (
-    "system\nYou are a helpful assistant.", "user\n", "assistant\n",
     "What is in the image? Describe this image. What can you see in the picture?",
     "Yes. No. I don't know. There is a shape. There are shapes. The answer is",
 )
@@ -75,7 +77,7 @@ _EXTRA_TEXT = (
 
 def corpus() -> list[str]:
     """Text the BPE merges are learnt from: every question type's questions and answers, a few phrases."""
-    lines = list(_EXTRA_TEXT)
+    lines = list(_TEMPLATE_TEXT) * len(_CORPUS_SEEDS) + list(_EXTRA_TEXT)
     for seed in _CORPUS_SEEDS:
         s = shapes.sample(seed, shapes.QUESTION_TYPES[seed % len(shapes.QUESTION_TYPES)])
         lines += [s.question, s.answer]

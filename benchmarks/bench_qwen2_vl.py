@@ -295,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is reported)")
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--engine-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[16, 64],
+                        help="(d): new tokens per request, comma-separated lengths to run")
     parser.add_argument("--sections", default="abcde", help="which sections to run, e.g. 'ac'")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder for the generated checkpoint")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -27,12 +27,15 @@ SIZES = [(224 + 24 * (i % 15), 560 - 20 * (i % 13)) for i in range(16)]  # (widt
 FILLER = " Please look at every detail of the picture."
 
 
-def requests(count: int = 16) -> list[tuple[str, Any]]:
-    """(prompt, image) pairs with different image sizes and prompt lengths (1 to 8 filler sentences)."""
+def requests(count: int = 16, seed: int = 0) -> list[tuple[str, Any]]:
+    """(prompt, image) pairs with different image sizes and prompt lengths (1 to 8 filler sentences).
+
+    Each `seed` gives other images: a run at a second answer length must not find the first run's images
+    in the engine's vision and media caches."""
     out = []
     for i in range(count):
         text = IMAGE_PROMPT.replace("Describe this image.", "Describe this image." + FILLER * (1 + i % 8))
-        out.append((text + "<|im_start|>assistant\n", test_image(*SIZES[i], seed=i)))
+        out.append((text + "<|im_start|>assistant\n", test_image(*SIZES[i], seed=seed + i)))
     return out
 
 
@@ -68,7 +71,7 @@ def bench_many(llm, pair, table: Table, new_tokens: int) -> None:
     The ratio depends on the answer length: prefill (vision tower + prompt) costs the same compute on both
     sides, while the engine turns 16 bandwidth-bound decode steps into one; so the section runs at several
     lengths (`--engine-tokens`), a short answer and a caption-length one."""
-    reqs = requests()
+    reqs = requests(seed=1000 * new_tokens)
     expected = hf_one_by_one(pair, reqs[:2], new_tokens)
     t0 = time.perf_counter()
     ours_tokens = engine_generate(llm, reqs, new_tokens)

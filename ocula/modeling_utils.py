@@ -19,7 +19,6 @@ Notable features:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from .configuration_utils import BaseConfig, dtype_name
 from .errors import ConfigError, PlaceholderMismatchError, UnsupportedFeatureError
 from .generation import GenerationConfig, GenerationMixin
 from .layers.attention import DenseAttentionMetadata, StaticKVCache
-from .loading import SafetensorsCheckpoint, load_weights, rename_key, resolve_checkpoint
+from .loading import SafetensorsCheckpoint, load_weights, rename_key, resolve_checkpoint, write_json
 
 IGNORE_INDEX = -100
 ATTN_IMPLEMENTATIONS = {None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
@@ -271,10 +270,10 @@ class PreTrainedModel(GenerationMixin, nn.Module):
             raise ConfigError(f"save_pretrained needs a folder, and {folder} is a file.")
         folder.mkdir(parents=True, exist_ok=True)
         config = {**self.config.to_dict(), "architectures": [type(self).__name__], "dtype": dtype_name(self.dtype)}
-        _write_json(folder / "config.json", config)
+        write_json(folder / "config.json", config, sort_keys=True)
         generation = self.generation_config.to_dict()
         if generation:
-            _write_json(folder / "generation_config.json", generation)
+            write_json(folder / "generation_config.json", generation, sort_keys=True)
         state = state_dict if state_dict is not None else self.state_dict()
         tied = self._tied_map()
         tensors = {name: value.detach().to("cpu").contiguous() for name, value in state.items() if name not in tied}
@@ -301,10 +300,6 @@ class PreTrainedModel(GenerationMixin, nn.Module):
             for p in self.parameters()  # parameters() yields a tied tensor once
             if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in embeddings)
         )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _size_bytes(size: int | str) -> int:
@@ -341,7 +336,8 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: int)
         save_file(shard, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(v.numel() * v.element_size() for v in tensors.values())
-    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map},
+               sort_keys=True)
 
 
 class TextContractMixin:

@@ -19,7 +19,6 @@ Notable features:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -32,7 +31,7 @@ from .batch import BatchFeature
 from .chat_template import render_chat_template
 from .errors import ConfigError, PlaceholderMismatchError, UnsupportedFeatureError
 from .image_processing_utils import flatten_images
-from .loading import read_json, resolve_checkpoint
+from .loading import read_json, resolve_checkpoint, write_json
 from .tokenization import Tokenizer
 
 __all__ = ["TEXT_KWARGS", "MediaItem", "ProcessorFiles", "ProcessorMixin", "ProcessorOutput"]
@@ -237,9 +236,8 @@ class ProcessorMixin:
                 taken = {k: v for k, v in overrides.items() if k in type(sub).accepted_kwargs()}
                 config[key] = {**(sub_config or {}), **taken}
         config["processor_class"] = type(self).__name__
-        path = folder / "processor_config.json"
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        written.append(str(path))
+        write_json(folder / "processor_config.json", config)
+        written.append(str(folder / "processor_config.json"))
         templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
         for name, template in templates.items():
             if template is None:

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from .batch import BatchEncoding
 from .chat_template import has_generation_block, render_chat_template
 from .errors import ConfigError, UnsupportedFeatureError
-from .loading import read_json, resolve_checkpoint
+from .loading import read_json, resolve_checkpoint, write_json
 
 __all__ = ["Tokenizer", "load_chat_template"]
 
@@ -397,8 +397,9 @@ class Tokenizer:
                 for key in NAMED_SPECIAL_TOKENS:  # `tokenizer.pad_token = ...` after loading is kept
                     if self.specials.named.get(key) != _token_str(config.get(key)):
                         config[key] = self.specials.named.get(key)
-                data = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-            (folder / name).write_bytes(data)
+                write_json(folder / name, config)
+            else:
+                (folder / name).write_bytes(data)
             written.append(str(folder / name))
         return tuple(written)
 

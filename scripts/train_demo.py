@@ -35,21 +35,19 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ocula.demo import DEMO_SIZE, write_skeleton
-from ocula.demo.batches import accuracy, warmup_samples, loss_fn, make_batch, train_samples
+from ocula.demo.batches import WARMUP_TYPES, accuracy, loss_fn, make_batch, train_samples, warmup_samples
 
 
 DEFAULT_CURRICULUM = "shape:600,colour:400,colour+shape+caption:400"
 
 
-def parse_curriculum(text: str | list) -> list[tuple[tuple[str, ...], int]]:
+def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], int]]:
     """'shape:600,colour:400' -> [(("shape",), 600), (("colour",), 400)]."""
-    if isinstance(text, list):
-        return text
     phases = []
     for part in filter(None, text.split(",")):
         types, _, steps = part.partition(":")
         qtypes = tuple(types.split("+"))
-        if not steps.isdigit() or not set(qtypes) <= {"shape", "colour", "caption"}:
+        if not steps.isdigit() or not set(qtypes) <= set(WARMUP_TYPES):
             raise argparse.ArgumentTypeError(f"bad curriculum phase {part!r}: use e.g. 'shape:600,colour+shape:400'")
         phases.append((qtypes, int(steps)))
     return phases
@@ -59,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("shapes-demo"), help="checkpoint folder to write")
     p.add_argument("--steps", type=int, default=9000, help="all steps, the curriculum included")
-    p.add_argument("--curriculum", type=parse_curriculum, default=parse_curriculum(DEFAULT_CURRICULUM),
+    p.add_argument("--curriculum", type=parse_curriculum, default=DEFAULT_CURRICULUM,
                    help="phases on one-shape scenes before the full mix, 'TYPES:STEPS,...' with TYPES one of "
                         "shape, colour, caption or several joined by '+' (default: %(default)s)")
     p.add_argument("--image-side", type=int, default=DEMO_SIZE.image_side,
@@ -109,7 +107,7 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
 
 
 def step_samples(step: int, args: argparse.Namespace) -> list:
-    """The curriculum: colour-only one-shape scenes first, then the mix of every question type."""
+    """The curriculum: its phases of one-shape scenes first, then the mix of every question type."""
     start = 0
     for qtypes, steps in args.curriculum:
         if step < start + steps:

@@ -3,9 +3,7 @@ tokenizer / checkpoint skeleton that transformers loads with the same ids and ch
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 from ocula.demo import shapes, write_skeleton
 from ocula.demo.batches import WARMUP_TYPES, make_batch, train_samples, warmup_samples
 from ocula.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+from scripts import train_demo  # the repository root is on sys.path (conftest.py)
 
 SEEDS = range(120)
 
@@ -220,17 +219,8 @@ def test_batches_label_only_the_answer_and_its_end(skeleton):
     assert not ((batch.labels == image_token).any())
 
 
-def _train_demo_module():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
-    spec = importlib.util.spec_from_file_location("train_demo", path)
-    train_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_demo)
-    return train_demo
-
-
 def test_training_is_reproducible_from_its_seed(tmp_path):
     """Same flags, same weights: both curriculum phases (one warmup step, one mixed step) replay exactly."""
-    train_demo = _train_demo_module()
     states = []
     for name in ("a", "b"):
         args = train_demo.parse_args(["--out", str(tmp_path / name), "--steps", "2", "--curriculum", "shape:1",
@@ -243,7 +233,6 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
 
 
 def test_curriculum_phases_come_in_order_then_the_full_mix():
-    train_demo = _train_demo_module()
     args = train_demo.parse_args(["--curriculum", "shape:2,colour+caption:2", "--batch-size", "4"])
     assert args.curriculum == [(("shape",), 2), (("colour", "caption"), 2)]
     phases = [train_demo.step_samples(step, args) for step in range(5)]
@@ -259,7 +248,6 @@ def test_curriculum_phases_come_in_order_then_the_full_mix():
 def trained(tmp_path_factory):
     """(folder, model) after two steps of scripts/train_demo.py with transformers' classes."""
     pytest.importorskip("transformers")
-    train_demo = _train_demo_module()
     folder = tmp_path_factory.mktemp("trained")
     args = train_demo.parse_args(["--out", str(folder), "--steps", "2", "--batch-size", "4", "--eval-images", "2",
                                   "--threads", "1", "--backend", "transformers"])

@@ -15,6 +15,7 @@ import torch
 from ocula import cli
 from ocula.demo import shapes
 from ocula.demo.batches import conversation, heldout_samples
+from scripts import eval_demo  # the repository root is on sys.path (conftest.py)
 
 ASSET = Path(cli.DEFAULT_MODEL)
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
@@ -94,19 +95,8 @@ def test_cli_run_answers_about_the_example_image(capsys):
         assert capsys.readouterr().out.strip() == want, prompt
 
 
-def _eval_demo_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_demo.py"
-    spec = importlib.util.spec_from_file_location("eval_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_script_reports_each_type_by_scene_size(library, capsys):
     """scripts/eval_demo.py: teacher-forced scoring and --generate agree, per question type and shape count."""
-    eval_demo = _eval_demo_module()
     processor, model = library
     forced = eval_demo.report(model, processor, 12, 6, generate=False)
     generated = eval_demo.report(model, processor, 12, 6, generate=True)

@@ -14,11 +14,11 @@ Training and evaluation live in scripts/train_demo.py and scripts/eval_demo.py.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ocula.demo import shapes
+from ocula.loading import write_json
 from ocula.demo.tokenizer import build_tokenizer, save_tokenizer
 
 __all__ = ["DEMO_SIZE", "DemoSize", "model_config", "shapes", "write_skeleton"]
@@ -135,11 +135,7 @@ def write_skeleton(folder: str | Path, size: DemoSize = DEMO_SIZE) -> Path:
     save_tokenizer(tok, folder)
     ids = tok.get_vocab()
     vocab_size = -(-tok.get_vocab_size() // 64) * 64  # rows past the tokenizer are never produced
-    _write_json(folder / "config.json", model_config(vocab_size, ids, size))
-    _write_json(folder / "generation_config.json", generation_config(ids))
-    _write_json(folder / "preprocessor_config.json", preprocessor_config(size.image_side))
+    write_json(folder / "config.json", model_config(vocab_size, ids, size))
+    write_json(folder / "generation_config.json", generation_config(ids))
+    write_json(folder / "preprocessor_config.json", preprocessor_config(size.image_side))
     return folder
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -13,13 +13,13 @@ Notable features:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
 from ocula.demo import shapes
+from ocula.loading import write_json
 
 # Qwen2's pre-tokenizer split (transformers models/qwen2/tokenization_qwen2.py, PRETOKENIZE_REGEX).
 SPLIT_REGEX = (
@@ -134,9 +134,5 @@ def save_tokenizer(tok: Tokenizer, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", tokenizer_config(tok))
-    _write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(folder / "tokenizer_config.json", tokenizer_config(tok))
+    write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})

@@ -1,7 +1,7 @@
 """Checkpoint loading: hub ids / folders, config JSON, lazy safetensors, strict weight filling."""
 
 from .checkpoint import SafetensorsCheckpoint
-from .hub import read_json, resolve_checkpoint
+from .hub import read_json, resolve_checkpoint, write_json
 from .weights import LoadReport, load_weights, rename_key
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "read_json",
     "rename_key",
     "resolve_checkpoint",
+    "write_json",
 ]

@@ -93,3 +93,9 @@ def read_json(folder: str | os.PathLike, name: str) -> dict | None:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}.")
     return data
+
+
+def write_json(path: str | os.PathLike, data: dict, sort_keys: bool = False) -> None:
+    """Write `data` to `path` as the checkpoint files are written: indented UTF-8 JSON ending in a newline."""
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n",
+                          encoding="utf-8")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_qwen2_vl.py                       # 4 text layers, vision depth 4, fp32
     python benchmarks/bench_qwen2_vl.py --text-layers 28 --vision-depth 32 --dtype bf16
+    python benchmarks/bench_qwen2_vl.py --device cuda --text-layers 28 --vision-depth 32 --dtype bf16
 
 Notable features:
 - the checkpoint has Qwen2-VL-2B-Instruct's real widths (vision embed 1280 / 16 heads, text hidden 1536,
@@ -16,7 +17,10 @@ Notable features:
   prompt lengths at once vs transformers one by one and as one padded batch; (e) [engine] the same image
   again (vision-embedding cache). (d) and (e) are skipped with a note while `ocula.LLM` is not importable;
 - every figure is a median over repeats (the machine may be shared); each section also checks that both
-  libraries agree (pixel values, first tokens) so a fast wrong answer cannot pass as a speed-up.
+  libraries agree (pixel values, first tokens) so a fast wrong answer cannot pass as a speed-up;
+- `--device cuda`: both models on the GPU (transformers with its default SDPA attention), every timing
+  waits for the GPU, the bound uses the GPU's read bandwidth, and (c) adds the engine's batch-1 decode
+  with its decode steps in CUDA graphs and without (`enforce_eager`). Processors run on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from common import (
     measure_pair,
     read_bandwidth,
     set_threads,
+    synchronize,
     tokenizer_ids,
     write_json,
 )
@@ -123,10 +129,12 @@ def hf_processor(tokenizer, backend: str = "pil"):
 
 
 def checkpoint(args) -> Path:
-    folder = Path(args.cache) / f"qwen2_vl_2b_t{args.text_layers}_v{args.vision_depth}"
+    suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
+    folder = Path(args.cache) / f"qwen2_vl_2b_t{args.text_layers}_v{args.vision_depth}{suffix}"
     t0 = time.perf_counter()
     existed = (folder / "config.json").exists()
-    build_checkpoint(folder, FAMILY, model_config(args.text_layers, args.vision_depth), hf_processor)
+    build_checkpoint(folder, FAMILY, model_config(args.text_layers, args.vision_depth), hf_processor,
+                     dtype=DTYPES[args.dtype])
     if not existed:
         print(f"built {folder} in {time.perf_counter() - t0:.0f} s")
     return folder
@@ -147,16 +155,16 @@ def test_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
 class Pair:
     """Both libraries' models and processors on the same folder, dtype and thread count."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, dtype: torch.dtype, device: str = "cpu"):
         import transformers
 
         import ocula
 
-        self.folder = folder
+        self.folder, self.device = folder, device
         self.hf_model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
             folder, dtype=dtype
-        ).eval()
-        self.model = ocula.AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        ).to(device).eval()
+        self.model = ocula.AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device=device)
         self.processor = ocula.AutoProcessor.from_pretrained(folder)
         self.processor_torchvision = ocula.AutoProcessor.from_pretrained(folder, backend="torchvision")
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -165,8 +173,14 @@ class Pair:
 
 
 def generate(model, inputs: dict[str, Any], new_tokens: int) -> torch.Tensor:
+    inputs = on_device(inputs, model.device)
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+
+def on_device(inputs: dict[str, Any], device) -> dict[str, Any]:
+    """Processor outputs moved to the model's device (a no-op on CPU)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -209,6 +223,7 @@ def bench_first_token(pair: Pair, table: Table, repeat: int) -> None:
     """(b) Time to first token: one 640x480 image + a short prompt, processor outputs given."""
     inputs = dict(pair.processor(text=[IMAGE_PROMPT], images=[test_image(640, 480)], return_tensors="pt"))
     hf_inputs = dict(pair.hf_pil(text=[IMAGE_PROMPT], images=[test_image(640, 480)], return_tensors="pt"))
+    inputs, hf_inputs = on_device(inputs, pair.device), on_device(hf_inputs, pair.device)
     same = torch.equal(generate(pair.model, inputs, 1), generate(pair.hf_model, hf_inputs, 1))
     ours, theirs = measure_pair(
         lambda: generate(pair.model, inputs, 1), lambda: generate(pair.hf_model, hf_inputs, 1), repeat, 0
@@ -226,6 +241,7 @@ class StepClock:
         self.stamps: list[float] = []
 
     def put(self, value) -> None:
+        synchronize()  # both libraries hand over CPU copies (already synchronised); this keeps it so
         self.stamps.append(time.perf_counter())
 
     def end(self) -> None:
@@ -247,8 +263,8 @@ def decode_rates(models: tuple, inputs: dict[str, Any], new_tokens: int, repeat:
         for model, times in zip(models, steps):
             clock = StepClock()
             with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1,
-                               do_sample=False, streamer=clock)  # fmt: skip
+                model.generate(**on_device(inputs, model.device), max_new_tokens=new_tokens + 1,
+                               min_new_tokens=new_tokens + 1, do_sample=False, streamer=clock)  # fmt: skip
             times.extend(clock.step_times())
     return tuple(1 / statistics.median(times) for times in steps)
 
@@ -258,7 +274,8 @@ def bench_decode(pair: Pair, table: Table, repeat: int, new_tokens: int, bandwid
     inputs = dict(pair.processor(text=[TEXT_PROMPT], return_tensors="pt"))
     same = torch.equal(generate(pair.model, inputs, 8), generate(pair.hf_model, inputs, 8))
     ours, theirs = decode_rates((pair.model, pair.hf_model), inputs, new_tokens, repeat)
-    bandwidth = max(bandwidth, read_bandwidth()["bound"])  # again after the runs: a busy moment reads low
+    pair.hf_decode_rate = theirs  # the engine's batch-1 row compares with it
+    bandwidth = max(bandwidth, read_bandwidth(device=pair.device)["bound"])  # a busy moment reads low
     lm = pair.model.model.language_model
     weight_bytes = decode_weight_bytes(lm, pair.model.lm_head)
     bound = decode_bound(bandwidth, weight_bytes)
@@ -272,7 +289,7 @@ def bench_decode(pair: Pair, table: Table, repeat: int, new_tokens: int, bandwid
 
 
 def engine_sections(pair: Pair, table: Table, args) -> None:
-    """(d) and (e): the engine against transformers; skipped with a note while the engine is missing."""
+    """The engine's rows of (c), and (d) and (e): the engine against transformers."""
     try:
         from engine_bench import bench_engine
     except ImportError as error:
@@ -293,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-depth", type=int, default=4, help="ViT blocks (the real model has 32)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (the median is reported)")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--engine-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[16, 64],
@@ -307,16 +325,17 @@ def main(argv: list[str] | None = None) -> list[Table]:
     args = parse_args(argv)
     set_threads(args.threads)
     folder = checkpoint(args)
-    pair = Pair(folder, DTYPES[args.dtype])
+    pair = Pair(folder, DTYPES[args.dtype], args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
     title = (
         f"Qwen2-VL-2B widths, {args.text_layers}/28 text layers, {args.vision_depth}/32 vision blocks, "
-        f"{args.dtype}, {args.threads} threads (ratio > 1: ocula faster)"
+        f"{args.dtype}, {where} (ratio > 1: ocula faster)"
     )
     table = Table(title)
-    rates = read_bandwidth()
+    rates = read_bandwidth(device=args.device)
     bandwidth = rates["bound"]
     table.notes.append(
-        f"memory read bandwidth, {args.threads} threads, 1 GiB fp32: sum {rates['sum'] / 1e9:.1f} GB/s, "
+        f"memory read bandwidth ({args.device}), 1 GiB fp32: sum {rates['sum'] / 1e9:.1f} GB/s, "
         f"matvec {rates['matvec'] / 1e9:.1f} GB/s (the bound uses the larger)"
     )
     sections = {
@@ -326,11 +345,15 @@ def main(argv: list[str] | None = None) -> list[Table]:
     }
     for key, run in sections.items():
         if key in args.sections:
-            run()
-    if "d" in args.sections or "e" in args.sections:
+            try:
+                run()
+            except Exception as error:  # noqa: BLE001 -- report it and keep the other sections' figures
+                traceback.print_exc()
+                table.notes.append(f"({key}) failed: {type(error).__name__}: {error}")
+    if set("cde") & set(args.sections):
         engine_sections(pair, table, args)
     table.print()
-    write_json(args.json, [table], machine_info(args.threads, args.dtype))
+    write_json(args.json, [table], machine_info(args.threads, args.dtype, args.device))
     return [table]
 
 

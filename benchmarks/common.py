@@ -52,6 +52,20 @@ class Timing:
         return f"{format_seconds(self.median)} (min {format_seconds(self.low)}, n={self.runs})"
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op on CPU runs), so a wall-clock time covers what was asked."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    synchronize()
+    t0 = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - t0
+
+
 def measure(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1, budget_s: float | None = None) -> Timing:
     """Median wall time of `fn()` over `repeat` runs after `warmup` runs (stops early past `budget_s`)."""
     for _ in range(warmup):
@@ -59,9 +73,7 @@ def measure(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1, budget_s: f
     times: list[float] = []
     start = time.perf_counter()
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        times.append(_timed(fn))
         if budget_s is not None and time.perf_counter() - start > budget_s:
             break
     return _timing(times)
@@ -78,9 +90,7 @@ def measure_pair(
     b: list[float] = []
     for _ in range(repeat):
         for fn, times in ((ours, a), (theirs, b)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            times.append(_timed(fn))
     return _timing(a), _timing(b)
 
 
@@ -99,16 +109,16 @@ def format_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------------------------- memory bandwidth
 
 
-def read_bandwidth(gib: float = 1.0, repeat: int = 9) -> dict[str, float]:
-    """Bytes per second this machine reads, by two streaming kernels over `gib` GiB of fp32 (best of `repeat`).
+def read_bandwidth(gib: float = 1.0, repeat: int = 9, device: str = "cpu") -> dict[str, float]:
+    """Bytes per second `device` reads, by two streaming kernels over `gib` GiB of fp32 (best of `repeat`).
 
     "sum" reduces a large tensor (every byte read once, almost no arithmetic); "matvec" multiplies a large
     matrix by a vector, the kernel a batch-1 decode step is made of. "bound" is the larger of the two: the
     rate at which this machine's torch can stream weights, which is what the decode bound is divided by.
     """
     n = int(gib * 2**30) // 4
-    x = torch.ones(n, dtype=torch.float32)
-    matrix, vector = x.view(-1, 4096), torch.ones(4096)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    matrix, vector = x.view(-1, 4096), torch.ones(4096, device=device)
     rates = {}
     for name, fn in (("sum", lambda: x.sum()), ("matvec", lambda: torch.mv(matrix, vector))):
         fn()  # fault the pages in
@@ -196,12 +206,15 @@ def write_json(path: str | None, tables: list[Table], meta: dict[str, Any]) -> N
         Path(path).write_text(json.dumps({"meta": meta, "tables": [t.to_json() for t in tables]}, indent=2))
 
 
-def machine_info(threads: int, dtype: str) -> dict[str, Any]:
+def machine_info(threads: int, dtype: str, device: str = "cpu") -> dict[str, Any]:
     import platform
 
     import transformers
 
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {
+        "device": device,
+        "gpu": gpu,
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "threads": threads,
@@ -215,12 +228,14 @@ def machine_info(threads: int, dtype: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def build_checkpoint(folder: Path, family: str, config: dict[str, Any], processor, seed: int = 0) -> Path:
+def build_checkpoint(folder: Path, family: str, config: dict[str, Any], processor, seed: int = 0,
+                     dtype: torch.dtype | None = None) -> Path:
     """Write a random-weight checkpoint of `family` with transformers (skipped when already there).
 
     `config` is the full config dict (its `model_type` included); `processor(tokenizer)` returns the
     transformers processor to save next to the weights. Weights are redrawn like the test checkpoints
-    (tests/checkpoints.py `redraw_`), so activations stay O(1) at any width.
+    (tests/checkpoints.py `redraw_`), so activations stay O(1) at any width, and saved in `dtype` (default
+    float32; a 2B model in bfloat16 is half the bytes to write and read).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
@@ -239,6 +254,8 @@ def build_checkpoint(folder: Path, family: str, config: dict[str, Any], processo
     redraw_(model, seed)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
     model.generation_config = _generation_config(GenerationConfig, hf_config, tok)
     model.save_pretrained(str(folder))
     processor(tok).save_pretrained(str(folder))

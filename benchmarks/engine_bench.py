@@ -5,6 +5,8 @@ Notable features:
   `ocula.LLM.generate` at once, against transformers running them one by one and as one left-padded batch;
   all greedy with a fixed number of new tokens, and the engine's tokens are checked against transformers'
   one-by-one tokens;
+- (c) the engine at batch 1 (its decode steps in CUDA graphs on a GPU, and without for comparison);
+- on a GPU, one untimed pass over other images first, which captures the engine's CUDA graphs;
 - (e) time to first token of a request whose image the engine has already seen (vision cache hit), against
   the first sight of that image and against transformers, which re-encodes it every time;
 - importing this module (`ocula.engine.llm`) fails (and the caller skips (d)/(e) with a note) while the engine's offline `LLM`
@@ -14,11 +16,12 @@ Notable features:
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
-from bench_qwen2_vl import IMAGE_PROMPT, generate, test_image
-from common import Table, measure
+from bench_qwen2_vl import IMAGE_PROMPT, TEXT_PROMPT, generate, on_device, test_image
+from common import Table, measure, synchronize
 
 from ocula.engine.llm import LLM
 from ocula.engine.sampling_params import SamplingParams
@@ -57,6 +60,7 @@ def hf_padded_batch(pair, reqs, new_tokens: int) -> None:
     pair.hf_pil.tokenizer.padding_side = "left"
     inputs = dict(pair.hf_pil(text=list(texts), images=list(images), padding=True, return_tensors="pt"))
     generate(pair.hf_model, inputs, new_tokens)
+    synchronize()
 
 
 def engine_generate(llm, reqs, new_tokens: int) -> list[list[int]]:
@@ -101,7 +105,7 @@ def bench_vision_cache(llm, pair, table: Table, repeat: int) -> None:
     engine_generate(llm, first, 1)
     miss = time.perf_counter() - t0
     hit = measure(lambda: engine_generate(llm, again, 1), repeat=repeat, warmup=0)
-    inputs = dict(pair.hf_pil(text=[again[0][0]], images=[image], return_tensors="pt"))
+    inputs = on_device(dict(pair.hf_pil(text=[again[0][0]], images=[image], return_tensors="pt")), pair.device)
     theirs = measure(lambda: generate(pair.hf_model, inputs, 1), repeat=repeat, warmup=0)
     table.time_row(
         "(e) TTFT, same image again (vision cache)",
@@ -111,13 +115,47 @@ def bench_vision_cache(llm, pair, table: Table, repeat: int) -> None:
     )
 
 
+def engine_decode_rate(llm, new_tokens: int, repeat: int) -> float:
+    """Batch-1 decode tokens/s of the engine on the text prompt of (c): the median over `repeat` requests of
+    each request's own rate (tokens 2..N over their wall time, engine overheads included)."""
+    params = SamplingParams(max_tokens=new_tokens + 1, min_tokens=new_tokens + 1, temperature=0.0,
+                            ignore_eos=True)
+    llm.generate([TEXT_PROMPT], params, use_tqdm=False)  # warm-up (and, on a GPU, graph capture)
+    rates = [llm.generate([TEXT_PROMPT], params, use_tqdm=False)[0].metrics.tokens_per_s for _ in range(repeat)]
+    return statistics.median(rates)
+
+
+def bench_engine_decode(llm, pair, table: Table, args) -> None:
+    """(c) the engine at batch 1 against transformers' rate from (c); on a GPU also without CUDA graphs."""
+    ours = engine_decode_rate(llm, args.decode_tokens, args.repeat)
+    theirs = getattr(pair, "hf_decode_rate", None)
+    note = f"{args.decode_tokens} tokens, scheduler / sampler / detokenizer included"
+    if pair.device.startswith("cuda"):
+        import ocula
+
+        eager = LLM(pair.model, processor=ocula.AutoProcessor.from_pretrained(pair.folder), max_num_seqs=1,
+                    max_model_len=4096, kv_cache_tokens=4096, enforce_eager=True)
+        note += f"; without CUDA graphs (enforce_eager) {engine_decode_rate(eager, args.decode_tokens, args.repeat):.1f} tok/s"
+        del eager
+    if theirs is None:
+        table.text_row("(c) engine decode, batch 1", f"{ours:.2f} tok/s", "", note)
+    else:
+        table.rate_row("(c) engine decode, batch 1", ours, theirs, "tok/s", note)
+
+
 def bench_engine(pair, table: Table, args) -> None:
     """The engine shares the benchmark's ocula model (same weights in memory) with a processor of its own."""
     import ocula
 
     processor = ocula.AutoProcessor.from_pretrained(pair.folder)
     llm = LLM(pair.model, processor=processor, max_num_seqs=16, max_model_len=4096, kv_cache_tokens=32768)
+    if "c" in args.sections:
+        bench_engine_decode(llm, pair, table, args)
     if "d" in args.sections:
+        if pair.device.startswith("cuda"):
+            # CUDA graphs are captured the first time a (batch, key length) shape occurs; vLLM captures
+            # them at start-up. One untimed pass over other images does it here, out of the figures.
+            engine_generate(llm, requests(seed=7), max(args.engine_tokens))
         for new_tokens in args.engine_tokens:
             bench_many(llm, pair, table, new_tokens)
     if "e" in args.sections:

@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ocula.demo import DEMO_SIZE, write_skeleton
 from ocula.demo.batches import WARMUP_TYPES, accuracy, loss_fn, make_batch, train_samples, warmup_samples
 
-
 DEFAULT_CURRICULUM = "shape:600,colour:400,colour+shape+caption:400"
 
 

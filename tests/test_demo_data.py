@@ -140,7 +140,7 @@ def test_warmup_asks_one_shape_scenes_for_colour_shape_and_caption():
     assert [s.seed for s in first] == [s.seed for s in warmup_samples(0, 16)]  # reproducible
     assert all(len(s.scene.shapes) == 1 for s in first + second)
     assert [s.qtype for s in first[:6]] == list(WARMUP_TYPES) * 2
-    shape = lambda s: s.scene.shapes[0]  # noqa: E731
+    shape = lambda s: s.scene.shapes[0]
     expected = {"colour": lambda s: shape(s).colour, "shape": lambda s: shape(s).kind,
                 "caption": lambda s: f"{'an' if shape(s).colour == 'orange' else 'a'} {shape(s).colour} {shape(s).kind}"}
     assert all(s.answer == expected[s.qtype](s) for s in first + second)

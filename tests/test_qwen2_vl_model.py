@@ -326,9 +326,8 @@ def test_from_pretrained_options(v5):
 
 def test_left_padding_positions_match_transformers(qwen2_vl_ckpt):
     """Full logits of a left-padded batch, padding positions included, equal transformers'."""
-    from tests.checkpoints import hf_model
-
     from ocula import AutoModelForImageTextToText, AutoProcessor
+    from tests.checkpoints import hf_model
 
     processor = AutoProcessor.from_pretrained(qwen2_vl_ckpt, padding_side="left")
     conversations = [

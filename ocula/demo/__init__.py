@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ocula.demo import shapes
-from ocula.loading import write_json
 from ocula.demo.tokenizer import build_tokenizer, save_tokenizer
+from ocula.loading import write_json
 
 __all__ = ["DEMO_SIZE", "DemoSize", "model_config", "shapes", "write_skeleton"]
 

@@ -36,6 +36,8 @@ class EngineConfig:
     encoder_cache_tokens: int = 16384
     # Processed-media cache size in bytes (pixel tensors keyed by media hash).
     media_cache_bytes: int = 512 * 1024 * 1024
+    # On a CUDA device, replay pure decode steps from captured CUDA graphs (ignored on other devices).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size"):

@@ -91,13 +91,15 @@ class LLM:
         long_prefill_token_threshold: int | None = None,
         encoder_cache_tokens: int = 16384,
         media_cache_bytes: int = 512 * 1024 * 1024,
+        enforce_eager: bool = False,
         **load_kwargs: Any,
     ):
         """`model`: a checkpoint folder / hub id, or an already loaded ocula model (then pass `processor`).
 
         The KV pool: `kv_cache_tokens` (tokens), `num_kv_blocks` (blocks), or else `kv_cache_memory_fraction`
         of the free accelerator memory (on CPU: of a quarter of the available host memory), at most what
-        max_num_seqs x max_model_len can use. `load_kwargs` go to the model's `from_pretrained`.
+        max_num_seqs x max_model_len can use. `enforce_eager=True` runs every step eagerly (no CUDA graphs
+        for decode steps on a GPU). `load_kwargs` go to the model's `from_pretrained`.
         """
         self.model, self.processor = _load(model, processor, dtype, device, load_kwargs)
         if kv_cache_tokens is not None:
@@ -111,6 +113,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
             long_prefill_token_threshold=long_prefill_token_threshold,
             encoder_cache_tokens=encoder_cache_tokens, media_cache_bytes=media_cache_bytes,
+            cuda_graphs=not enforce_eager,
         )
         runner = TorchModelRunner(self.model, self.processor)
         self.engine = LLMEngine(runner, config, tokenizer=self.processor.tokenizer,

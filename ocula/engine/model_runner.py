@@ -20,7 +20,9 @@ Notable features of the batch layout:
   the family's own per-item hook when it has one, so the engine's encoder cache keys each item by its hash;
 - positions (M-RoPE or 1-D) come from `get_position_ids` on the single request, once, at admission;
 - a step is one forward over all new tokens of all sequences (`[1, T]`): token embeddings, media rows
-  scattered in, `forward_text` with the paged metadata, logits of the sampled rows only.
+  scattered in, `forward_text` with the paged metadata, logits of the sampled rows only;
+- on a CUDA device, pure decode steps replay captured CUDA graphs (`cuda_graphs.py`; off with
+  `EngineConfig.cuda_graphs = False`, vLLM's `enforce_eager`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from ocula.engine.config import EngineConfig
+from ocula.engine.cuda_graphs import DecodeGraphs
 from ocula.engine.paged_attention import PagedAttentionMetadata, PagedKVCache
 from ocula.engine.request import MediaItem, Request, Sequence
 from ocula.errors import PlaceholderMismatchError, UnsupportedFeatureError
@@ -205,6 +208,7 @@ class TorchModelRunner(ModelRunner):
         self.num_layers, _, self.num_kv_heads, _, self.head_dim = probe.k.shape
         self.kv_dtype, self.device = probe.k.dtype, probe.k.device
         self.kv: PagedKVCache | None = None
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV pool ---------------------------------------------------------------------------------
 
@@ -215,9 +219,21 @@ class TorchModelRunner(ModelRunner):
         if config.num_kv_blocks is None:
             useful = config.max_num_seqs * -(-config.max_model_len // config.block_size)
             num_blocks = min(num_blocks, useful)  # more blocks than this could only ever hold stale prefixes
-        shape = (self.num_layers, num_blocks, config.block_size, self.num_kv_heads, self.head_dim)
+        # One block more than the engine is told of: the scratch block that padding rows of captured
+        # decode steps write to and read from.
+        shape = (self.num_layers, num_blocks + 1, config.block_size, self.num_kv_heads, self.head_dim)
         self.kv = PagedKVCache(*shape, dtype=self.kv_dtype, device=self.device)
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.enable_decode_graphs(config, capture=True)
         return num_blocks
+
+    def enable_decode_graphs(self, config: EngineConfig, capture: bool = True, **options: Any) -> None:
+        """Run pure decode steps through `DecodeGraphs`: captured CUDA graphs, or (capture=False, any device)
+        the same static-shape step called eagerly. `options` go to `DecodeGraphs` (`min_keys`)."""
+        self.graphs = DecodeGraphs(self.model, self.kv, scratch_block=self.kv.num_blocks - 1,
+                                   max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
+                                   capture=capture, **options)
 
     # ---- media -----------------------------------------------------------------------------------
 
@@ -306,6 +322,8 @@ class TorchModelRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         self.kv.copy_blocks(batch.block_copies)
+        if self.graphs is not None and self.graphs.accepts(batch):
+            return self.graphs.run(batch)
         attn = self._device_metadata(batch.attn)
         ids = batch.input_ids.to(self.device)
         embeds = self.model.embed_inputs(ids[None], None)  # [1, T, hidden]

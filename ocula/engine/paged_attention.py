@@ -9,6 +9,8 @@ Notable features:
   tables into [B, L], a key-length mask), and each prefill chunk as one call on its own: the Python work
   per layer does not grow with the number of decoding sequences;
 - the gather indices and masks are planned once per step (cached on the metadata), not once per layer;
+- a step replayed from a CUDA graph (`ocula/engine/cuda_graphs.py`) hands in its one decode group ready
+  made, with the context lengths as a device tensor: its masks are computed on the device each replay;
 - GQA (query heads grouped over KV heads), causal masking by absolute position, optional sliding window
   (a query at position q sees keys k with q - window < k <= q, as transformers' sliding masks);
 - optional logit soft-capping (tanh), scale given by the caller.
@@ -19,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from ocula.layers.attention import sdpa
 
 
 class PagedKVCache:
@@ -54,8 +57,10 @@ class _Group:
     num_seqs: int               # G
     num_q: int                  # Q new tokens per sequence (1 for the decode group)
     key_slots: torch.Tensor     # [G, L] long: pool slot of each key (padding points at slot 0, masked)
-    context_lens: list[int]     # [G] keys per sequence
+    context_lens: list[int] | None  # [G] keys per sequence; None when only `lens` (on the device) has them
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [G, 1, Q, L]
+    lens: torch.Tensor | None = None  # [G] long on the device: set for captured steps, whose masks are
+                                      # computed from tensors (no Python-side shortcut, no host sync)
 
 
 @dataclass
@@ -108,10 +113,13 @@ def _group_mask(group: _Group, window: int | None) -> torch.Tensor | None:
 def _build_mask(group: _Group, window: int | None) -> torch.Tensor | None:
     device = group.key_slots.device
     longest = group.key_slots.shape[1]
-    same_len = all(c == longest for c in group.context_lens)
-    if same_len and window is None and (group.num_q == 1 or group.num_q == longest):
-        return None  # decode over full contexts, or a whole prompt (is_causal)
-    ctx = torch.tensor(group.context_lens, device=device)[:, None, None]  # [G, 1, 1]
+    if group.lens is None:
+        same_len = all(c == longest for c in group.context_lens)
+        if same_len and window is None and (group.num_q == 1 or group.num_q == longest):
+            return None  # decode over full contexts, or a whole prompt (is_causal)
+        ctx = torch.tensor(group.context_lens, device=device)[:, None, None]  # [G, 1, 1]
+    else:
+        ctx = group.lens[:, None, None]
     q_pos = ctx - group.num_q + torch.arange(group.num_q, device=device)[None, :, None]  # [G, Q, 1]
     k_pos = torch.arange(longest, device=device)[None, None, :]  # [1, 1, L]
     mask = k_pos <= q_pos
@@ -164,8 +172,8 @@ def _attend_group(q, pool_k, pool_v, group: _Group, scale: float, window: int | 
     mask = _group_mask(group, window)
     if softcap is None:
         causal = mask is None and nq > 1
-        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
-                                             enable_gqa=qh.shape[1] != keys.shape[1])  # [G, Hq, Q, D]
+        out = sdpa(qh, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
+                   enable_gqa=qh.shape[1] != keys.shape[1])  # [G, Hq, Q, D]
     else:
         out = _softcapped(qh, keys, values, mask, scale, softcap)
     return out.transpose(1, 2).reshape(q.shape)

@@ -27,6 +27,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA backends on CUDA, best first, without cuDNN's: it builds an execution plan for every new shape (tens
+# of milliseconds per call, seen on an H200 with torch 2.11), and the engine's prefill chunks and masked
+# steps change shape with every prompt.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, on CUDA restricted to `CUDA_SDPA_BACKENDS`."""
+    if q.is_cuda:
+        with sdpa_kernel(CUDA_SDPA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, **options)
+    return F.scaled_dot_product_attention(q, k, v, **options)
 
 
 class StaticKVCache:
@@ -123,7 +137,7 @@ def attention(
     mask = masks[sliding_window]
     causal = mask is None and q.shape[2] > 1
     live = None if mask is None else mask.any(dim=-1, keepdim=True)  # [B | 1, 1, S, 1]
-    out = F.scaled_dot_product_attention(
+    out = sdpa(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=None if mask is None else mask | ~live, is_causal=causal,
         scale=scale, enable_gqa=q.shape[1] != k.shape[1],
     )  # [B, Hq, S, D]
@@ -143,7 +157,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     """
     q, k, v = q[None], k[None], v[None]  # [1, H, N, D]
     out = [
-        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])  # [1, H, n, D]
+        sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])  # [1, H, n, D]
         for a, b in itertools.pairwise(bounds)
     ]
     return torch.cat(out, dim=2)[0] if len(out) > 1 else out[0][0]

@@ -14,7 +14,7 @@ BS, HQ, HKV, D = 4, 4, 2, 8
 def _dense(q, k, v, window=None, softcap=None):
     """Reference: causal (+ window) attention over one full sequence. q [L, Hq, D], k/v [L, Hkv, D]."""
     n = q.shape[0]
-    pos = torch.arange(n)
+    pos = torch.arange(n, device=q.device)
     mask = pos[None, :] <= pos[:, None]
     if window is not None:
         mask &= pos[None, :] > pos[:, None] - window

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ...layers.attention import DenseAttentionMetadata
+from ...layers.attention import DenseAttentionMetadata, sdpa
 from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from ...modeling_utils import (
@@ -76,7 +75,7 @@ class PerceiverAttention(nn.Module):
         k = self.k_proj(both).view(heads).transpose(1, 2)  # [N, Hkv, P + L, D]
         v = self.v_proj(both).view(heads).transpose(1, 2)
         gqa = q.shape[1] != k.shape[1]
-        out = F.scaled_dot_product_attention(
+        out = sdpa(
             q, k, v, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=gqa
         )
         return self.o_proj(out.transpose(1, 2).flatten(2))

@@ -10,7 +10,7 @@
   reported (stderr and an `error` record) without stopping the others.
 - `ocula bench`: the engine benchmark of the source repository's `benchmarks/` folder.
 
-`--dtype --device --max-model-len --max-num-seqs` are accepted by every command that loads a model.
+`--dtype --device --max-model-len --max-num-seqs --enforce-eager` are accepted by every command that loads a model.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def _add_model_args(parser: argparse.ArgumentParser, positional: bool = False) -
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:0, ...")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer, in tokens")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="engine commands: no CUDA graphs for decode steps on a GPU")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -80,7 +82,8 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, Any]:
     check_model(args.model)
     start = time.monotonic()
     log(f"ocula: loading {args.model} into the engine ...")
-    options = {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs}
+    options = {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs,
+               "enforce_eager": args.enforce_eager}
     if args.max_model_len is not None:
         options["max_model_len"] = args.max_model_len
     llm = LLM(args.model, **options)

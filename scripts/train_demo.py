@@ -8,6 +8,8 @@ Notable features:
   vision tower learns one attribute at a time: asked colour and shape together from the start, it learns
   colour and never shape (still at chance after 3000 steps); asked shape alone it learns shape in ~250 steps.
   The default teaches shape (600 steps), then colour (400), then both with captions (400), then everything.
+  A phase may also ask any question type on scenes of 2 or 3 shapes (`colour+position@2:1000`).
+- `--size` changes the model's dimensions for experiments (`text_layers=4,mrope_section=8/4/4`).
 - An endless stream of fresh training samples (consecutive train seeds), so there is no overfitting to a
   fixed set and a run is reproducible from its flags alone; batches are rendered and tokenized in a worker
   process (--workers 1), so the two cores of a small machine train and render at the same time.
@@ -34,22 +36,54 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ocula.demo import DEMO_SIZE, write_skeleton
-from ocula.demo.batches import WARMUP_TYPES, accuracy, loss_fn, make_batch, train_samples, warmup_samples
+from ocula.demo import DEMO_SIZE, DemoSize, write_skeleton
+from ocula.demo.batches import (
+    PHASE_TYPES,
+    WARMUP_TYPES,
+    accuracy,
+    loss_fn,
+    make_batch,
+    train_samples,
+    warmup_samples,
+)
 
 DEFAULT_CURRICULUM = "shape:600,colour:400,colour+shape+caption:400"
 
 
-def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], int]]:
-    """'shape:600,colour:400' -> [(("shape",), 600), (("colour",), 400)]."""
+def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], int, int]]:
+    """'shape:600,colour+count@2:400' -> [(("shape",), 1, 600), (("colour", "count"), 2, 400)].
+
+    Each phase asks its question types in turn on scenes of one shape, or of `@N` shapes."""
     phases = []
     for part in filter(None, text.split(",")):
-        types, _, steps = part.partition(":")
+        head, _, steps = part.partition(":")
+        types, _, count = head.partition("@")
         qtypes = tuple(types.split("+"))
-        if not steps.isdigit() or not set(qtypes) <= set(WARMUP_TYPES):
-            raise argparse.ArgumentTypeError(f"bad curriculum phase {part!r}: use e.g. 'shape:600,colour+shape:400'")
-        phases.append((qtypes, int(steps)))
+        allowed = WARMUP_TYPES if not count else PHASE_TYPES
+        if not steps.isdigit() or not set(qtypes) <= set(allowed) or count not in ("", "1", "2", "3"):
+            raise argparse.ArgumentTypeError(
+                f"bad curriculum phase {part!r}: use e.g. 'shape:600,colour+shape:400,colour+position@2:300'")
+        phases.append((qtypes, int(count or 1), int(steps)))
     return phases
+
+
+def parse_size(text: str) -> DemoSize:
+    """'text_layers=4,mrope_section=8/4/4' -> DEMO_SIZE with those fields replaced ('' -> DEMO_SIZE)."""
+    fields = {f.name: f for f in dataclasses.fields(DemoSize)}
+    changes = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in fields or not value:
+            raise argparse.ArgumentTypeError(f"bad size field {part!r}: use NAME=VALUE with NAME one of {sorted(fields)}")
+        default = getattr(DEMO_SIZE, name)
+        if isinstance(default, tuple):
+            changes[name] = tuple(int(v) for v in value.split("/"))
+        else:
+            changes[name] = type(default)(value)
+    try:
+        return dataclasses.replace(DEMO_SIZE, **changes)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shape, colour, caption or several joined by '+' (default: %(default)s)")
     p.add_argument("--image-side", type=int, default=DEMO_SIZE.image_side,
                    help="the processor's pixel budget is this squared (112: 16 image tokens, 56: 4)")
+    p.add_argument("--size", type=parse_size, default="",
+                   help="model dimensions other than the shipped DemoSize, e.g. 'text_layers=4,mrope_section=8/4/4'")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
@@ -108,9 +144,9 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
 def step_samples(step: int, args: argparse.Namespace) -> list:
     """The curriculum: its phases of one-shape scenes first, then the mix of every question type."""
     start = 0
-    for qtypes, steps in args.curriculum:
+    for qtypes, num_shapes, steps in args.curriculum:
         if step < start + steps:
-            return warmup_samples(step, args.batch_size, qtypes)
+            return warmup_samples(step, args.batch_size, qtypes, num_shapes)
         start += steps
     return train_samples(step - start, args.batch_size)
 
@@ -182,7 +218,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, float]]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     AutoProcessor, AutoConfig, ModelClass = model_classes(args.backend)
-    folder = write_skeleton(args.out, dataclasses.replace(DEMO_SIZE, image_side=args.image_side))
+    folder = write_skeleton(args.out, dataclasses.replace(args.size, image_side=args.image_side))
     processor, config = AutoProcessor.from_pretrained(folder), AutoConfig.from_pretrained(folder)
     model = ModelClass(config)
     init_weights(model)

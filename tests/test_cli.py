@@ -201,3 +201,11 @@ def test_serve_starts_on_loopback_with_its_flags(qwen2_vl_ckpt):
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}/v1" in output
+
+
+@pytest.mark.parametrize("flag, graphs", [([], True), (["--enforce-eager"], False)])
+def test_engine_commands_take_enforce_eager(qwen2_vl_ckpt, flag, graphs):
+    args = cli.build_parser().parse_args(["serve", str(qwen2_vl_ckpt), "--device", "cpu", *flag])
+    engine, _ = cli.load_engine(args)
+    assert engine.config.cuda_graphs is graphs
+    assert engine.runner.graphs is None  # a CPU never captures

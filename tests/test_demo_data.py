@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ocula.demo import shapes, write_skeleton
+from ocula.demo import DEMO_SIZE, shapes, write_skeleton
 from ocula.demo.batches import WARMUP_TYPES, make_batch, train_samples, warmup_samples
 from ocula.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 from scripts import train_demo  # the repository root is on sys.path (conftest.py)
@@ -233,15 +233,18 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
 
 
 def test_curriculum_phases_come_in_order_then_the_full_mix():
-    args = train_demo.parse_args(["--curriculum", "shape:2,colour+caption:2", "--batch-size", "4"])
-    assert args.curriculum == [(("shape",), 2), (("colour", "caption"), 2)]
+    args = train_demo.parse_args(["--curriculum", "shape:2,colour+caption:1,position+count@3:1", "--batch-size", "4"])
+    assert args.curriculum == [(("shape",), 1, 2), (("colour", "caption"), 1, 1), (("position", "count"), 3, 1)]
     phases = [train_demo.step_samples(step, args) for step in range(5)]
     assert all(s.qtype == "shape" and len(s.scene.shapes) == 1 for step in phases[:2] for s in step)
     assert [s.qtype for s in phases[2]] == ["colour", "caption"] * 2
+    assert [s.qtype for s in phases[3]] == ["position", "count"] * 2
+    assert all(len(s.scene.shapes) == 3 for s in phases[3])
     assert [s.seed for s in phases[4]] == [s.seed for s in train_samples(0, 4)]  # then the mix from its start
     assert train_demo.parse_args([]).curriculum == train_demo.parse_curriculum(train_demo.DEFAULT_CURRICULUM)
-    with pytest.raises(SystemExit):
-        train_demo.parse_args(["--curriculum", "position:10"])  # only shape / colour / caption phases
+    for bad in ("position:10", "colour@4:10", "colour@2"):  # one-shape phases: shape / colour / caption only
+        with pytest.raises(SystemExit):
+            train_demo.parse_args(["--curriculum", bad])
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +283,12 @@ def test_ocula_runs_the_demo_checkpoint_like_transformers(trained):
     loaded = ocula.AutoModelForImageTextToText.from_pretrained(folder)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**ours.inputs).logits, model(**theirs.inputs).logits)
+
+
+def test_size_flag_replaces_demo_size_fields():
+    size = train_demo.parse_args(["--size", "text_layers=4,mrope_section=8/4/4,merge_size=4"]).size
+    assert (size.text_layers, size.mrope_section, size.merge_size) == (4, (8, 4, 4), 4)
+    assert train_demo.parse_args([]).size == DEMO_SIZE
+    for bad in ("depth=3", "text_layers=", "mrope_section=8/8/8"):  # unknown field, no value, wrong rotary sum
+        with pytest.raises(SystemExit):
+            train_demo.parse_args(["--size", bad])

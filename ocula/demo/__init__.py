@@ -47,6 +47,8 @@ class DemoSize:
     # The processor's pixel budget is image_side**2: a 112-pixel shapes image gives (112 / 28)**2 = 16 image
     # tokens, four per shape; 56 shrinks it to 4 tokens, one per grid cell.
     image_side: int = 112
+    # Patches merged into one image token per side (Qwen2-VL: 2). 4 makes each token a whole grid cell.
+    merge_size: int = 2
 
     def __post_init__(self):
         head_dim = self.text_hidden // self.text_heads
@@ -96,21 +98,21 @@ def model_config(vocab_size: int, ids: dict[str, int], size: DemoSize = DEMO_SIZ
             "in_chans": 3,
             "hidden_size": size.text_hidden,
             "patch_size": 14,
-            "spatial_merge_size": 2,
+            "spatial_merge_size": size.merge_size,
             "spatial_patch_size": 14,
             "temporal_patch_size": 2,
         },
     }
 
 
-def preprocessor_config(image_size: int = shapes.IMAGE_SIZE) -> dict:
+def preprocessor_config(image_size: int = shapes.IMAGE_SIZE, merge_size: int = 2) -> dict:
     """preprocessor_config.json: pixel bounds keep a shapes image as it is and shrink larger ones to it."""
     return {
         "min_pixels": 56 * 56,
         "max_pixels": image_size * image_size,
         "patch_size": 14,
         "temporal_patch_size": 2,
-        "merge_size": 2,
+        "merge_size": merge_size,
         "image_mean": IMAGE_MEAN,
         "image_std": IMAGE_STD,
         "image_processor_type": "Qwen2VLImageProcessor",
@@ -137,5 +139,5 @@ def write_skeleton(folder: str | Path, size: DemoSize = DEMO_SIZE) -> Path:
     vocab_size = -(-tok.get_vocab_size() // 64) * 64  # rows past the tokenizer are never produced
     write_json(folder / "config.json", model_config(vocab_size, ids, size))
     write_json(folder / "generation_config.json", generation_config(ids))
-    write_json(folder / "preprocessor_config.json", preprocessor_config(size.image_side))
+    write_json(folder / "preprocessor_config.json", preprocessor_config(size.image_side, size.merge_size))
     return folder

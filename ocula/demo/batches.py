@@ -73,15 +73,18 @@ def train_samples(step: int, batch_size: int, offset: int = 0) -> list[shapes.Sa
 
 WARMUP_OFFSET = 500_000_000  # warm-up seeds sit far from the mixed phase's, so no image is reused
 WARMUP_TYPES = ("colour", "shape", "caption")  # on one shape: its colour, its kind, and both ("a red circle")
+PHASE_TYPES = shapes.QUESTION_TYPES  # any type, on scenes of a chosen number of shapes
 
 
-def warmup_samples(step: int, batch_size: int, qtypes: tuple[str, ...] = WARMUP_TYPES) -> list[shapes.Sample]:
-    """One-shape scenes asked the question types `qtypes` in turn: the batch of warm-up step `step`."""
+def warmup_samples(step: int, batch_size: int, qtypes: tuple[str, ...] = WARMUP_TYPES,
+                   num_shapes: int = 1) -> list[shapes.Sample]:
+    """Scenes of `num_shapes` shapes asked the question types `qtypes` in turn: the batch of curriculum step
+    `step`."""
     seed = shapes.TRAIN_SEEDS.start + WARMUP_OFFSET + step * batch_size * 4  # ~1/3 of seeds qualify
     out: list[shapes.Sample] = []
     while len(out) < batch_size:
         sample = shapes.sample(seed, qtypes[len(out) % len(qtypes)])
-        if len(sample.scene.shapes) == 1:
+        if len(sample.scene.shapes) == num_shapes:
             out.append(sample)
         seed += 1
     return out

@@ -10,6 +10,8 @@ Notable features:
   batch instead of a decode loop.
 - `--generate` runs the real greedy `generate()` on left-padded prompts and compares the decoded text, an
   end-to-end check of the library's generation path.
+- `--errors` sorts the wrong generated answers on scenes of several shapes: an attribute of another shape
+  in the scene (the model saw it but did not pick the shape the question names) or one not in the scene.
 - Targets: >= 95% on shape and colour, >= 90% on count and position; the exit status is 1 when missed.
 """
 
@@ -36,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=500, help="held-out images per question type")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--generate", action="store_true", help="score generate() output instead of logits")
+    p.add_argument("--errors", action="store_true",
+                   help="also sort the wrong generated answers on 2- and 3-shape scenes (see error_kind)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", choices=("ocula", "transformers"), default="ocula")
     return p.parse_args(argv)
@@ -84,13 +88,48 @@ def report(model, processor, n: int, batch_size: int, generate: bool) -> dict[st
     return scores
 
 
+def error_kind(sample: shapes.Sample, answer: str) -> str:
+    """How a generated answer relates to the scene: "right"; "another shape's" when it is the colour, kind or
+    cell of a shape in the scene (a shape the question did not ask about); "not in the scene" otherwise
+    (counts, relations and captions: "wrong")."""
+    answer = answer.strip()
+    if answer == sample.answer:
+        return "right"
+    present = {
+        "colour": {s.colour for s in sample.scene.shapes},
+        "shape": {s.kind for s in sample.scene.shapes},
+        "position": {shapes.CELLS[s.cell] for s in sample.scene.shapes},
+    }.get(sample.qtype)
+    if present is None or (sample.qtype == "position" and sample.answer not in shapes.CELLS):
+        return "wrong"
+    return "another shape's" if answer in present else "not in the scene"
+
+
+def errors(model, processor, n: int, batch_size: int) -> dict[str, dict[str, int]]:
+    """{question type: {error kind: count}} over the generated answers on 2- and 3-shape held-out scenes."""
+    out = {}
+    for qtype in shapes.QUESTION_TYPES:
+        samples = [s for s in heldout_samples(qtype, n) if len(s.scene.shapes) > 1]
+        kinds: dict[str, int] = {}
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            for sample, answer in zip(chunk, generated_answers(model, processor, chunk)):
+                kind = error_kind(sample, answer)
+                kinds[kind] = kinds.get(kind, 0) + 1
+        out[qtype] = kinds
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     processor, model = load(args.checkpoint, args.backend)
     scores = report(model, processor, args.images, args.batch_size, args.generate)
     missed = {q: t for q, t in TARGETS.items() if scores[q]["all"] < t}
-    print(json.dumps({"images_per_type": args.images, "accuracy": scores, "missed_targets": missed}, indent=2))
+    result = {"images_per_type": args.images, "accuracy": scores, "missed_targets": missed}
+    if args.errors:
+        result["multi_shape_answers"] = errors(model, processor, args.images, args.batch_size)
+    print(json.dumps(result, indent=2))
     return 1 if missed else 0
 
 

@@ -107,3 +107,28 @@ def test_eval_script_reports_each_type_by_scene_size(library, capsys):
     eval_demo.main([str(ASSET), "--images", "4", "--batch-size", "4", "--threads", "1"])
     printed = capsys.readouterr().out
     assert '"images_per_type": 4' in printed and '"missed_targets"' in printed
+
+
+def test_error_kinds_sort_wrong_answers():
+    """eval_demo.error_kind: the attribute of another shape in the scene vs one the scene does not have."""
+    scene = shapes.example_scene()  # a red circle (top left) and a blue square (bottom right)
+    colour = shapes.Sample(0, "colour", "What colour is the circle?", "red", scene)
+    assert eval_demo.error_kind(colour, " red") == "right"
+    assert eval_demo.error_kind(colour, "blue") == "another shape's"
+    assert eval_demo.error_kind(colour, "green") == "not in the scene"
+    where = shapes.Sample(0, "position", "Where is the circle?", "top left", scene)
+    assert eval_demo.error_kind(where, "bottom right") == "another shape's"
+    assert eval_demo.error_kind(where, "top right") == "not in the scene"
+    relation = shapes.Sample(0, "position", "Is the circle above or below the square?", "above", scene)
+    assert eval_demo.error_kind(relation, "below") == "wrong"
+    count = shapes.Sample(0, "count", "How many shapes are there?", "2", scene)
+    assert eval_demo.error_kind(count, "3") == "wrong"
+
+
+def test_eval_script_sorts_errors_on_multi_shape_scenes(library):
+    processor, model = library
+    kinds = eval_demo.errors(model, processor, 12, 6)
+    assert set(kinds) == set(shapes.QUESTION_TYPES)
+    multi = sum(len(s.scene.shapes) > 1 for s in eval_demo.heldout_samples("colour", 12))
+    assert sum(kinds["colour"].values()) == multi > 0
+    assert set(kinds["colour"]) <= {"right", "another shape's", "not in the scene"}

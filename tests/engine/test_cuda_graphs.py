@@ -120,3 +120,29 @@ def test_captured_cuda_graphs_equal_eager(family, request):
             assert all(a[t] == pytest.approx(b.get(t, a[t]), abs=1e-3) for t in a)
     captured = llm.engine.runner.graphs.shapes.values()
     assert captured and all(s.graph is not None for s in captured)
+
+
+def test_static_steps_with_prefix_hits_forks_and_preemption(qwen2_vl_ckpt):
+    """The static path through the engine's other features: a prompt served from the prefix cache (its last
+    token alone runs, with precomputed M-RoPE positions), n > 1 sequences forked from one prefill
+    (copy-on-write blocks), and preemption in a pool too small for all of them."""
+    conv = _conversations()[0]
+    params = SamplingParams(n=3, max_tokens=10, temperature=0.9, top_p=0.9, seed=5)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = []
+    for static in (False, True):
+        llm = _llm(qwen2_vl_ckpt, kv_cache_tokens=120)
+        if static:
+            llm.engine.runner.enable_decode_graphs(llm.engine.config, capture=False)
+            counter = _Counter(llm.engine.runner.graphs)
+        first = llm.chat(conv, greedy, use_tqdm=False)[0].outputs[0].token_ids
+        again = llm.chat(conv, greedy, use_tqdm=False)[0]  # prefix hit: only the tail of the prompt runs
+        forked = llm.chat(conv, params, use_tqdm=False)[0]
+        crowded = llm.chat(_conversations() * 2, greedy, use_tqdm=False)  # 6 requests, 120 KV slots
+        results.append((first, again.outputs[0].token_ids, again.num_cached_tokens,
+                        [c.token_ids for c in forked.outputs], [o.outputs[0].token_ids for o in crowded]))
+        assert llm.engine.stats().num_preemptions > 0, "the pool must be too small for the six requests"
+        if static:
+            assert counter.calls > 20
+    assert results[0] == results[1]
+    assert results[1][2] > 0, "the second request must hit the prefix cache"

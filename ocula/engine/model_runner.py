@@ -102,14 +102,15 @@ def build_batch(
     scheduled: list[ScheduledSeq], block_size: int, copies: list[tuple[int, int]]
 ) -> ScheduledBatch:
     """Flatten the scheduled chunks into the tensors a runner consumes."""
-    ids, positions, slots, media = [], [], [], []
+    ids, slots, media = [], [], []
     qsl, sample_indices = [0], []
     use_mrope = any(s.seq.request.mrope_positions is not None for s in scheduled)
+    positions: tuple[list[int], ...] = ([], [], []) if use_mrope else ([],)  # one list per position row
     for s in scheduled:
         lo, hi = s.start, s.start + s.num_new_tokens
         media += _media_slices(s.seq.request, lo, hi, qsl[-1])
         ids += s.seq.token_ids[lo:hi]
-        positions.append(_positions(s.seq.request, lo, hi, use_mrope))
+        _extend_positions(positions, s.seq.request, lo, hi)
         slots += [s.seq.block_table[i // block_size] * block_size + i % block_size for i in range(lo, hi)]
         qsl.append(qsl[-1] + s.num_new_tokens)
         if s.sample:
@@ -121,23 +122,29 @@ def build_batch(
         query_start_loc=torch.tensor(qsl, dtype=torch.long),
     )
     return ScheduledBatch(
-        seqs=scheduled, input_ids=torch.tensor(ids, dtype=torch.long), positions=torch.cat(positions, -1),
+        seqs=scheduled, input_ids=torch.tensor(ids, dtype=torch.long),
+        positions=torch.tensor(positions if use_mrope else positions[0], dtype=torch.long),
         attn=attn, sample_indices=torch.tensor(sample_indices, dtype=torch.long), media=media,
         block_copies=copies,
     )
 
 
-def _positions(request: Request, lo: int, hi: int, use_mrope: bool) -> torch.Tensor:
-    """Positions of tokens [lo, hi): [hi - lo] or [3, hi - lo]."""
-    idx = torch.arange(lo, hi, dtype=torch.long)
-    if not use_mrope:
-        return idx
-    pos = (idx + request.position_delta).expand(3, -1).clone()
-    pre = request.mrope_positions
-    if pre is not None:
-        n = max(0, min(hi, pre.shape[1]) - lo)  # prompt tokens take their precomputed positions
-        pos[:, :n] = pre[:, lo:lo + n]
-    return pos
+def _extend_positions(rows: tuple[list[int], ...], request: Request, lo: int, hi: int) -> None:
+    """Append the positions of tokens [lo, hi) to `rows`: one row (1-D RoPE) or three (M-RoPE).
+
+    Prompt tokens take the positions computed at admission; generated tokens (and every token of a
+    request without precomputed positions) continue at `index + position_delta` in all rows. Plain Python
+    lists: a decode step appends one number per row per sequence, with no tensor work per sequence.
+    """
+    pre = request.mrope_positions if len(rows) == 3 else None
+    n = 0 if pre is None else max(0, min(hi, pre.shape[1]) - lo)
+    if n:
+        for row, values in zip(rows, pre[:, lo:lo + n].tolist()):
+            row.extend(values)
+    delta = request.position_delta if len(rows) == 3 else 0
+    tail = range(lo + n + delta, hi + delta)
+    for row in rows:
+        row.extend(tail)
 
 
 def _media_slices(request: Request, lo: int, hi: int, base: int) -> list[MediaSlice]:

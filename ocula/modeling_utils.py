@@ -58,6 +58,48 @@ class CausalLMOutput:
         return tuple(v for v in (self.loss, self.logits) if v is not None)[key]  # transformers' tuple order
 
 
+@dataclass
+class BaseModelOutput:
+    """What a base model (`Qwen2VLModel`, ...) returns: `.last_hidden_state` [B, S, hidden], after the final
+    norm (transformers' `...ModelOutputWithPast` without the cache)."""
+
+    last_hidden_state: torch.Tensor
+
+    def __getitem__(self, key: str | int) -> torch.Tensor:
+        return getattr(self, key) if isinstance(key, str) else (self.last_hidden_state,)[key]
+
+
+class OwnedBaseModel:
+    """The base model of a family (`model.model`: towers + decoder, no lm_head) as transformers exposes it.
+
+    Its forward runs its `*ForConditionalGeneration` owner's inputs path and decoder without the head, so
+    `XModel.from_pretrained(folder)(**inputs).last_hidden_state` equals transformers'. A base model built
+    on its own (`XModel(config)`) holds the weights but cannot run: load it with `from_pretrained`.
+    """
+
+    owner_class: ClassVar[type]  # the family's ForConditionalGeneration class
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> nn.Module:
+        """Load the family's checkpoint and return its base model (the lm_head is loaded and dropped)."""
+        return cls.owner_class.from_pretrained(pretrained_model_name_or_path, *args, **kwargs).model
+
+    def forward(self, *args: Any, **kwargs: Any) -> BaseModelOutput:
+        owner = self.__dict__.get("_owner")
+        if owner is None:
+            raise UnsupportedFeatureError(
+                f"{type(self).__name__} built on its own cannot run: load it with "
+                f"{type(self).__name__}.from_pretrained(...) or use {self.owner_class.__name__}."
+            )
+        embeds, position_ids, attention_mask = owner.decoder_inputs(*args, **kwargs)
+        return BaseModelOutput(owner.decoder_hidden(embeds, position_ids, attention_mask))
+
+
+def own(owner: nn.Module, base: nn.Module) -> None:
+    """Let `base` (the owner's `model`) reach its owner without registering it as a submodule (a cycle)."""
+    object.__setattr__(base, "_owner", owner)
+
+
 def keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
     """transformers' `logits_to_keep`: 0 keeps all positions, n the last n, a tensor selects indices."""
     if isinstance(logits_to_keep, int):
@@ -418,11 +460,17 @@ class TextContractMixin:
         logits_to_keep: int | torch.Tensor,
     ) -> CausalLMOutput:
         """Decoder over the whole sequence (no cache) -> logits [B, S, V] (or the last kept) and the loss."""
+        hidden = self.decoder_hidden(embeds, position_ids, attention_mask)
+        return head_output(self.compute_logits(keep_last(hidden, logits_to_keep)), labels)
+
+    def decoder_hidden(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decoder over the whole sequence (no cache) -> final-normed hidden states [B, S, hidden]."""
         if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
             position_ids = plain_positions(embeds)
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        hidden = self.forward_text(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
-        return head_output(self.compute_logits(keep_last(hidden, logits_to_keep)), labels)
+        return self.forward_text(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
 
 
 def _check_options(attn_implementation: str | None, quantization_config: Any) -> None:

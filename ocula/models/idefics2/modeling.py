@@ -31,6 +31,7 @@ from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from ...modeling_utils import (
     CausalLMOutput,
+    OwnedBaseModel,
     PreTrainedModel,
     TextContractMixin,
     head_output,
@@ -150,8 +151,13 @@ class Idefics2ModelOutput:
     last_hidden_state: torch.Tensor  # [B, S, hidden], after the final norm
     image_hidden_states: torch.Tensor | None = None  # [n_real_images * n_latents, hidden]
 
+    def __getitem__(self, key: str | int) -> torch.Tensor | None:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(v for v in (self.last_hidden_state, self.image_hidden_states) if v is not None)[key]
 
-class Idefics2Model(nn.Module):
+
+class Idefics2Model(OwnedBaseModel, nn.Module):
     """Holds `vision_model`, `connector` and `text_model`, so parameter names match transformers' `model.*`."""
 
     def __init__(self, config: Idefics2Config):
@@ -282,3 +288,6 @@ class Idefics2ForConditionalGeneration(TextContractMixin, PreTrainedModel):
         hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, pixel_values,
                             pixel_attention_mask).last_hidden_state  # fmt: skip
         return head_output(self.compute_logits(keep_last(hidden, logits_to_keep)), labels)
+
+
+Idefics2Model.owner_class = Idefics2ForConditionalGeneration

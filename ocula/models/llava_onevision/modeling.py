@@ -31,7 +31,7 @@ from torch import nn
 
 from ...errors import MediaError, PlaceholderMismatchError, UnsupportedFeatureError
 from ...layers.mlp import activation
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin
+from ...modeling_utils import CausalLMOutput, OwnedBaseModel, PreTrainedModel, TextContractMixin, own
 from ..text.qwen2 import Qwen2Model
 from ..vision.siglip import SiglipVisionTransformer
 from .config import LlavaOnevisionConfig
@@ -56,7 +56,7 @@ class LlavaOnevisionMultiModalProjector(nn.Module):
 # ----------------------------------------------------------------------------------------------- model
 
 
-class LlavaOnevisionModel(nn.Module):
+class LlavaOnevisionModel(OwnedBaseModel, nn.Module):
     """vision_tower + multi_modal_projector + image_newline + language_model (transformers 5 names)."""
 
     def __init__(self, config: LlavaOnevisionConfig):
@@ -190,6 +190,7 @@ class LlavaOnevisionForConditionalGeneration(TextContractMixin, PreTrainedModel)
         super().__init__(config)
         text = config.text_config
         self.model = LlavaOnevisionModel(config)
+        own(self, self.model)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
@@ -254,11 +255,32 @@ class LlavaOnevisionForConditionalGeneration(TextContractMixin, PreTrainedModel)
         **ignored,
     ) -> CausalLMOutput:
         """Logits [B, S, V] (or the last `logits_to_keep`) and, with `labels`, the shifted LM loss."""
+        embeds, position_ids, attention_mask = self.decoder_inputs(
+            input_ids, pixel_values, image_sizes, pixel_values_videos, attention_mask, position_ids,
+            inputs_embeds, batch_num_images,
+        )
+        return self.lm_output(embeds, position_ids, attention_mask, labels, logits_to_keep)
+
+    def decoder_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        **ignored,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(embeddings with the media merged [B, S, hidden], positions or None, attention mask)."""
         media = {
             "pixel_values": pixel_values,
             "image_sizes": image_sizes,
             "batch_num_images": batch_num_images,
             "pixel_values_videos": pixel_values_videos,
         }
-        embeds = self.forward_embeddings(input_ids, inputs_embeds, media)
-        return self.lm_output(embeds, position_ids, attention_mask, labels, logits_to_keep)
+        return self.forward_embeddings(input_ids, inputs_embeds, media), position_ids, attention_mask
+
+
+LlavaOnevisionModel.owner_class = LlavaOnevisionForConditionalGeneration

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import PlaceholderMismatchError, UnsupportedFeatureError
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin
+from ...modeling_utils import CausalLMOutput, OwnedBaseModel, PreTrainedModel, TextContractMixin, own
 from ..text.qwen2 import Qwen2Model
 from ..vision.aimv2 import AIMv2VisionTransformer
 from .config import Ovis2Config, Ovis2VisionConfig
@@ -137,7 +137,7 @@ class Ovis2ImageFeatures:
         return getattr(self, key)
 
 
-class Ovis2Model(nn.Module):
+class Ovis2Model(OwnedBaseModel, nn.Module):
     """Holds `vision_tower`, `language_model` and `visual_embeddings_table` (transformers 5's `model.*`)."""
 
     def __init__(self, config: Ovis2Config):
@@ -175,6 +175,7 @@ class Ovis2ForConditionalGeneration(TextContractMixin, PreTrainedModel):
     def __init__(self, config: Ovis2Config):
         super().__init__(config)
         self.model = Ovis2Model(config)
+        own(self, self.model)
         self.lm_head = nn.Linear(config.hidden_size, config.text_config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
@@ -267,5 +268,23 @@ class Ovis2ForConditionalGeneration(TextContractMixin, PreTrainedModel):
         **ignored,
     ) -> CausalLMOutput:
         """Logits [B, S, V] (or the last `logits_to_keep`) and, with `labels`, the shifted LM loss."""
-        embeds = self.forward_embeddings(input_ids, inputs_embeds, {"pixel_values": pixel_values})
+        embeds, position_ids, attention_mask = self.decoder_inputs(
+            input_ids, pixel_values, attention_mask, position_ids, inputs_embeds
+        )
         return self.lm_output(embeds, position_ids, attention_mask, labels, logits_to_keep)
+
+    def decoder_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **ignored,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(embeddings with the media merged [B, S, hidden], positions or None, attention mask)."""
+        embeds = self.forward_embeddings(input_ids, inputs_embeds, {"pixel_values": pixel_values})
+        return embeds, position_ids, attention_mask
+
+
+Ovis2Model.owner_class = Ovis2ForConditionalGeneration

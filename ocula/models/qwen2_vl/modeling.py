@@ -32,7 +32,14 @@ from torch import nn
 from ...errors import PlaceholderMismatchError
 from ...layers.attention import segment_attention
 from ...layers.rotary import VisionRotaryEmbedding, apply_vision_rotary, vision_rows_cols
-from ...modeling_utils import CausalLMOutput, PreTrainedModel, TextContractMixin, plain_positions
+from ...modeling_utils import (
+    CausalLMOutput,
+    OwnedBaseModel,
+    PreTrainedModel,
+    TextContractMixin,
+    own,
+    plain_positions,
+)
 from ..text.qwen2 import Qwen2Model
 from ..vision.blocks import ViTMLP
 from .config import Qwen2VLConfig, Qwen2VLVisionConfig
@@ -192,8 +199,9 @@ def _grid_mismatch(kind: int) -> str:
 # ----------------------------------------------------------------------------------------------- model
 
 
-class Qwen2VLModel(nn.Module):
-    """Holds `visual` and `language_model`, so parameter names match transformers 5's `model.*`."""
+class Qwen2VLModel(OwnedBaseModel, nn.Module):
+    """Holds `visual` and `language_model`, so parameter names match transformers 5's `model.*`; its forward
+    gives the final hidden states (`OwnedBaseModel`)."""
 
     def __init__(self, config: Qwen2VLConfig):
         super().__init__()
@@ -214,6 +222,7 @@ class Qwen2VLForConditionalGeneration(TextContractMixin, PreTrainedModel):
         super().__init__(config)
         text = config.text_config
         self.model = Qwen2VLModel(config)
+        own(self, self.model)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
@@ -270,12 +279,32 @@ class Qwen2VLForConditionalGeneration(TextContractMixin, PreTrainedModel):
         **ignored,
     ) -> CausalLMOutput:
         """Logits [B, S, V] (or the last `logits_to_keep`) and, with `labels`, the shifted LM loss."""
+        embeds, position_ids, attention_mask = self.decoder_inputs(
+            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, pixel_values_videos,
+            video_grid_thw, mm_token_type_ids, inputs_embeds,
+        )
+        return self.lm_output(embeds, position_ids, attention_mask, labels, logits_to_keep)
+
+    def decoder_inputs(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **ignored,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(embeddings with the media merged [B, S, hidden], M-RoPE positions [3, B, S], attention mask)."""
         media = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
                  "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
         embeds = self.forward_embeddings(input_ids, inputs_embeds, media)
         if position_ids is None:
             position_ids = self._forward_positions(input_ids, attention_mask, mm_token_type_ids, embeds, media)
-        return self.lm_output(embeds, _three_rows(position_ids), attention_mask, labels, logits_to_keep)
+        return embeds, _three_rows(position_ids), attention_mask
 
     def _forward_positions(self, input_ids, attention_mask, mm_token_type_ids, embeds, media) -> torch.Tensor:
         has_grids = media["image_grid_thw"] is not None or media["video_grid_thw"] is not None
@@ -304,3 +333,6 @@ def _three_rows(position_ids: torch.Tensor) -> torch.Tensor:
     if position_ids.dim() == 2:
         return position_ids[None].expand(3, -1, -1)
     return position_ids[1:] if position_ids.shape[0] == 4 else position_ids
+
+
+Qwen2VLModel.owner_class = Qwen2VLForConditionalGeneration

@@ -8,7 +8,8 @@ Notable features:
   vision tower learns one attribute at a time: asked colour and shape together from the start, it learns
   colour and never shape (still at chance after 3000 steps); asked shape alone it learns shape in ~250 steps.
   The default teaches shape (600 steps), then colour (400), then both with captions (400), then everything.
-  A phase may also ask any question type on scenes of 2 or 3 shapes (`colour+position@2:1000`).
+  A phase may also ask any question type on scenes of 2 or 3 shapes (`colour+position@2:1000`), and `mix`
+  places the full mix between phases.
 - `--size` changes the model's dimensions for experiments (`text_layers=4,mrope_section=8/4/4`).
 - An endless stream of fresh training samples (consecutive train seeds), so there is no overfitting to a
   fixed set and a run is reproducible from its flags alone; batches are rendered and tokenized in a worker
@@ -51,18 +52,22 @@ DEFAULT_CURRICULUM = "shape:600,colour:400,colour+shape+caption:400"
 
 
 def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], int, int]]:
-    """'shape:600,colour+count@2:400' -> [(("shape",), 1, 600), (("colour", "count"), 2, 400)].
+    """'shape:600,mix:2000,colour+count@2:400' -> [(("shape",), 1, 600), ((), 0, 2000), (("colour", "count"), 2, 400)].
 
-    Each phase asks its question types in turn on scenes of one shape, or of `@N` shapes."""
+    Each phase asks its question types in turn on scenes of one shape, or of `@N` shapes; `mix` is the full
+    mix of every question type on every scene. Steps after the last phase are the full mix too."""
     phases = []
     for part in filter(None, text.split(",")):
         head, _, steps = part.partition(":")
         types, _, count = head.partition("@")
+        if types == "mix" and not count and steps.isdigit():
+            phases.append(((), 0, int(steps)))
+            continue
         qtypes = tuple(types.split("+"))
         allowed = WARMUP_TYPES if not count else PHASE_TYPES
         if not steps.isdigit() or not set(qtypes) <= set(allowed) or count not in ("", "1", "2", "3"):
             raise argparse.ArgumentTypeError(
-                f"bad curriculum phase {part!r}: use e.g. 'shape:600,colour+shape:400,colour+position@2:300'")
+                f"bad curriculum phase {part!r}: use e.g. 'shape:600,colour+shape:400,mix:3000,colour@2:300'")
         phases.append((qtypes, int(count or 1), int(steps)))
     return phases
 
@@ -143,12 +148,15 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
 
 def step_samples(step: int, args: argparse.Namespace) -> list:
     """The curriculum: its phases of one-shape scenes first, then the mix of every question type."""
-    start = 0
+    start, mixed = 0, 0  # mixed: full-mix steps so far, so the mix walks its own seeds in order
     for qtypes, num_shapes, steps in args.curriculum:
         if step < start + steps:
+            if not qtypes:
+                return train_samples(mixed + step - start, args.batch_size)
             return warmup_samples(step, args.batch_size, qtypes, num_shapes)
+        mixed += steps if not qtypes else 0
         start += steps
-    return train_samples(step - start, args.batch_size)
+    return train_samples(mixed + step - start, args.batch_size)
 
 
 class Batches(torch.utils.data.IterableDataset):

@@ -241,8 +241,14 @@ def test_curriculum_phases_come_in_order_then_the_full_mix():
     assert [s.qtype for s in phases[3]] == ["position", "count"] * 2
     assert all(len(s.scene.shapes) == 3 for s in phases[3])
     assert [s.seed for s in phases[4]] == [s.seed for s in train_samples(0, 4)]  # then the mix from its start
+    between = train_demo.parse_args(["--curriculum", "shape:1,mix:2,colour@2:1", "--batch-size", "2"])
+    assert between.curriculum == [(("shape",), 1, 1), ((), 0, 2), (("colour",), 2, 1)]
+    steps = [train_demo.step_samples(step, between) for step in range(5)]
+    assert [s.seed for s in steps[1] + steps[2]] == [s.seed for s in train_samples(0, 2) + train_samples(1, 2)]
+    assert all(s.qtype == "colour" and len(s.scene.shapes) == 2 for s in steps[3])
+    assert [s.seed for s in steps[4]] == [s.seed for s in train_samples(2, 2)]  # the mix goes on where it was
     assert train_demo.parse_args([]).curriculum == train_demo.parse_curriculum(train_demo.DEFAULT_CURRICULUM)
-    for bad in ("position:10", "colour@4:10", "colour@2"):  # one-shape phases: shape / colour / caption only
+    for bad in ("position:10", "colour@4:10", "colour@2", "mix@2:10"):  # one-shape phases: shape / colour / caption only
         with pytest.raises(SystemExit):
             train_demo.parse_args(["--curriculum", bad])
 

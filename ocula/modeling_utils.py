@@ -20,6 +20,7 @@ Notable features:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -147,6 +148,18 @@ def plain_positions(embeds: torch.Tensor) -> torch.Tensor:
     """[B, S] = 0..S-1 per row whatever the padding: what transformers' `forward` uses without positions."""
     batch, seq = embeds.shape[:2]
     return torch.arange(seq, device=embeds.device).expand(batch, seq)
+
+
+def full_sequence_hidden(
+    decoder: Callable[..., torch.Tensor], embeds: torch.Tensor, position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`decoder(embeds, positions, attn)` over the whole sequence (no cache) -> final-normed hidden states
+    [B, S, hidden]: the base models' forward and the text half of every `forward`."""
+    if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
+        position_ids = plain_positions(embeds)
+    key_mask = attention_mask.bool() if attention_mask is not None else None
+    return decoder(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
 
 
 def resolve_dtype(dtype: Any, config: BaseConfig, ckpt: SafetensorsCheckpoint) -> torch.dtype:
@@ -467,10 +480,7 @@ class TextContractMixin:
         self, embeds: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Decoder over the whole sequence (no cache) -> final-normed hidden states [B, S, hidden]."""
-        if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
-            position_ids = plain_positions(embeds)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
-        return self.forward_text(embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
+        return full_sequence_hidden(self.forward_text, embeds, position_ids, attention_mask)
 
 
 def _check_options(attn_implementation: str | None, quantization_config: Any) -> None:

@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...layers.attention import DenseAttentionMetadata, sdpa
+from ...layers.attention import sdpa
 from ...layers.mlp import SwiGLUMLP
 from ...layers.norm import RMSNorm
 from ...modeling_utils import (
@@ -34,9 +34,9 @@ from ...modeling_utils import (
     OwnedBaseModel,
     PreTrainedModel,
     TextContractMixin,
+    full_sequence_hidden,
     head_output,
     keep_last,
-    plain_positions,
     scatter_features,
 )
 from ..text.mistral import MistralModel
@@ -207,10 +207,7 @@ class Idefics2Model(OwnedBaseModel, nn.Module):
             )  # [N * L, hidden]
             where = self._image_slots(input_ids, inputs_embeds)
             inputs_embeds = scatter_features(inputs_embeds, where, images, self.config.image_token_id, ADVICE)
-        if position_ids is None:  # like transformers' forward: 0..S-1 whatever the padding
-            position_ids = plain_positions(inputs_embeds)
-        key_mask = attention_mask.bool() if attention_mask is not None else None
-        hidden = self.text_model(inputs_embeds, position_ids, DenseAttentionMetadata(key_mask=key_mask))
+        hidden = full_sequence_hidden(self.text_model, inputs_embeds, position_ids, attention_mask)
         return Idefics2ModelOutput(last_hidden_state=hidden, image_hidden_states=images)
 
     def _image_slots(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ tokenizer / checkpoint skeleton that transformers loads with the same ids and ch
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -10,7 +11,15 @@ import pytest
 import torch
 
 from ocula.demo import DEMO_SIZE, shapes, write_skeleton
-from ocula.demo.batches import WARMUP_TYPES, make_batch, train_samples, warmup_samples
+from ocula.demo.batches import (
+    FOCUS_TYPES,
+    WARMUP_TYPES,
+    focus_samples,
+    loss_fn,
+    make_batch,
+    train_samples,
+    warmup_samples,
+)
 from ocula.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 from scripts import train_demo  # the repository root is on sys.path (conftest.py)
 
@@ -151,6 +160,48 @@ def test_warmup_asks_one_shape_scenes_for_colour_shape_and_caption():
     assert len({s.answer for s in first + second if s.qtype == "colour"}) >= 4
 
 
+def test_focus_mix_asks_more_about_scenes_of_several_shapes():
+    first = focus_samples(0, 44)
+    assert [s.seed for s in first] == [s.seed for s in focus_samples(0, 44)]  # reproducible
+    assert [s.qtype for s in first[:11]] == list(FOCUS_TYPES)
+    steps = [focus_samples(step, 32) for step in range(11)]  # 32 turns of FOCUS_TYPES
+    asked = {qtype: sum(s.qtype == qtype for step in steps for s in step) for qtype in shapes.QUESTION_TYPES}
+    assert asked == {"shape": 32, "colour": 96, "count": 96, "position": 96, "caption": 32}
+    sizes = [len(s.scene.shapes) for step in steps for s in step]
+    assert 0.1 < sizes.count(1) / len(sizes) < 0.3 and sizes.count(2) > 2 * sizes.count(1)
+    seeds = [s.seed for step in steps for s in step]
+    assert len(set(seeds)) == len(seeds) and all(seed in shapes.TRAIN_SEEDS for seed in seeds)
+    others = {s.seed for step in range(10) for s in train_samples(step, 32) + warmup_samples(step, 32)}
+    assert not set(seeds) & others
+
+
+def test_loss_weighs_every_answer_the_same():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 12)
+    labels = torch.full((2, 9), -100)
+    labels[0, 2:8] = torch.tensor([1, 2, 3, 4, 5, 6])  # a six-token caption
+    labels[1, 5] = 7  # a one-token answer
+    token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(loss_fn(logits, labels, per_answer=False), token)
+    rows = [torch.nn.functional.cross_entropy(logits[r, :-1], labels[r, 1:], ignore_index=-100) for r in range(2)]
+    assert torch.allclose(loss_fn(logits, labels), (rows[0] + rows[1]) / 2)
+    assert not torch.allclose(loss_fn(logits, labels), token)
+    labels[1] = -100  # a row without labels counts for nothing
+    assert torch.allclose(loss_fn(logits, labels), rows[0])
+
+
+def test_background_tells_every_patch_where_it_is():
+    empty = shapes.Scene(size=112, background=(240, 238, 236), shapes=())
+    a = np.asarray(shapes.render(empty)).astype(np.int64)
+    assert a[0, 0].tolist() == [240, 238, 236]
+    assert abs(a[0, -1, 0] - (240 - shapes._GRADIENT)) <= 1 and a[0, -1, 1] == 238  # red fades to the right
+    assert abs(a[-1, 0, 1] - (238 - shapes._GRADIENT)) <= 1 and a[-1, 0, 0] == 240  # green fades downwards
+    assert (a[..., 2] == 236).all()
+    patches = a.reshape(8, 14, 8, 14, 3).mean((1, 3)).round().reshape(64, 3)
+    assert len({tuple(p) for p in patches.tolist()}) == 64  # no two 14-pixel patches look alike
+    assert np.abs(a - np.array(empty.background)).sum(-1).max() < 90  # still far from any shape's colour
+
+
 def test_tokenizer_round_trips_any_text(tokenizer):
     texts = ["What colour is the circle?", "a red circle left of a blue square", "How many shapes? 3",
              "Größe 🙂 日本語\n\ttabs  and  spaces", "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"]
@@ -248,9 +299,35 @@ def test_curriculum_phases_come_in_order_then_the_full_mix():
     assert all(s.qtype == "colour" and len(s.scene.shapes) == 2 for s in steps[3])
     assert [s.seed for s in steps[4]] == [s.seed for s in train_samples(2, 2)]  # the mix goes on where it was
     assert train_demo.parse_args([]).curriculum == train_demo.parse_curriculum(train_demo.DEFAULT_CURRICULUM)
-    for bad in ("position:10", "colour@4:10", "colour@2", "mix@2:10"):  # one-shape phases: shape / colour / caption only
+    focus = train_demo.parse_args(["--curriculum", "mix:1,focus:2", "--batch-size", "3"])
+    assert focus.curriculum == [((), 0, 1), ((), -1, 2)]
+    steps = [train_demo.step_samples(step, focus) for step in range(4)]
+    assert [s.seed for s in steps[1] + steps[2]] == [s.seed for s in focus_samples(0, 3) + focus_samples(1, 3)]
+    assert [s.seed for s in steps[3]] == [s.seed for s in train_samples(1, 3)]  # the mix after it
+    for bad in ("position:10", "colour@4:10", "colour@2", "mix@2:10", "focus@2:10"):  # one-shape phases: shape / colour / caption only
         with pytest.raises(SystemExit):
             train_demo.parse_args(["--curriculum", bad])
+
+
+def test_learning_rate_warms_up_again_at_the_restart():
+    args = train_demo.parse_args(["--steps", "100", "--restart", "60:3e-4", "--lr", "1e-3", "--warmup", "5"])
+    lrs = [train_demo.lr_factor(step, args) * args.lr for step in range(100)]
+    assert lrs[0] < lrs[4] == pytest.approx(1e-3, rel=0.02)  # warmup, then the peak
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:60]))  # cosine down ...
+    assert lrs[59] == pytest.approx(5e-5, rel=0.05)  # ... to the floor before the restart
+    assert lrs[60] < lrs[64] == pytest.approx(3e-4, rel=0.05)  # the second cycle's own warmup and peak
+    assert all(a >= b for a, b in itertools.pairwise(lrs[64:]))
+    assert lrs[-1] == pytest.approx(1.5e-5, rel=0.05)
+    one = train_demo.parse_args(["--steps", "100", "--restart", "", "--lr", "1e-3", "--warmup", "5"])
+    assert one.restart is None
+    lrs = [train_demo.lr_factor(step, one) * one.lr for step in range(100)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:])) and lrs[-1] == pytest.approx(5e-5, rel=0.05)
+    short = train_demo.parse_args(["--steps", "10", "--warmup", "1"])  # a run that ends before the restart
+    plain = train_demo.parse_args(["--steps", "10", "--warmup", "1", "--restart", ""])
+    assert [train_demo.lr_factor(step, short) for step in range(10)] == [
+        train_demo.lr_factor(step, plain) for step in range(10)]
+    with pytest.raises(SystemExit):
+        train_demo.parse_args(["--restart", "60"])
 
 
 @pytest.fixture(scope="module")

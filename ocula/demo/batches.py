@@ -8,6 +8,9 @@ Notable features:
 - `warmup_samples`: one-shape scenes asked given question types in turn, the phases of the curriculum
   (scripts/train_demo.py). On one shape there is nothing to bind, so an attribute asked alone clicks in a
   few hundred steps; asked together from the start, the tiny vision tower learns colour and not shape.
+- `focus_samples`: the full mix leaning on the questions that need finding a shape by what it is, on
+  scenes of several shapes (the last phase of the default curriculum).
+- `loss_fn` weighs every answer the same, whatever its length.
 - `exact_match` scores teacher-forced logits: every answer token (and `<|im_end|>`) being the argmax is
   the same event as greedy decoding producing exactly the answer, at the cost of one forward pass.
 Works with any processor that has transformers' Qwen2-VL call signature (ocula's or transformers').
@@ -51,11 +54,19 @@ def make_batch(processor, samples: list[shapes.Sample]) -> Batch:
     return Batch(inputs=dict(inputs), labels=labels, samples=samples)
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens. logits [B, S, V], labels [B, S]."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-    )
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, per_answer: bool = True) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens. logits [B, S, V], labels [B, S].
+
+    per_answer: the mean over each answer's tokens, then over answers, so every question weighs the same;
+    the plain token mean lets a 12-token caption outweigh a one-word colour or count sixfold."""
+    target = labels[:, 1:]
+    token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(target)
+    counted = (target != -100).float()
+    if not per_answer:
+        return token.sum() / counted.sum()
+    return ((token * counted).sum(1) / counted.sum(1).clamp(min=1)).sum() / (counted.sum(1) > 0).sum()
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,6 +96,25 @@ def warmup_samples(step: int, batch_size: int, qtypes: tuple[str, ...] = WARMUP_
     while len(out) < batch_size:
         sample = shapes.sample(seed, qtypes[len(out) % len(qtypes)])
         if len(sample.scene.shapes) == num_shapes:
+            out.append(sample)
+        seed += 1
+    return out
+
+
+FOCUS_OFFSET = 700_000_000  # seeds of the focus mix, apart from the other streams
+# The focus mix asks the questions that need finding a shape by what it is ("What colour is the circle?",
+# "How many red shapes are there?", "Where is the star?") three times as often as the rest, and keeps one
+# scene in five with a single shape (where nothing needs finding).
+FOCUS_TYPES = ("colour", "count", "position") * 3 + ("shape", "caption")
+
+
+def focus_samples(step: int, batch_size: int) -> list[shapes.Sample]:
+    """The batch of focus-mix step `step`: FOCUS_TYPES in turn, on scenes of 2 or 3 shapes (80%) or 1."""
+    seed = shapes.TRAIN_SEEDS.start + FOCUS_OFFSET + step * batch_size * 2
+    out: list[shapes.Sample] = []
+    while len(out) < batch_size:
+        sample = shapes.sample(seed, FOCUS_TYPES[(step * batch_size + len(out)) % len(FOCUS_TYPES)])
+        if len(sample.scene.shapes) > 1 or seed % 2 == 0:  # 1:2:2 instead of 1:1:1
             out.append(sample)
         seed += 1
     return out

@@ -37,6 +37,7 @@ HELDOUT_SEEDS = range(1_000_000_000, 1_001_000_000)
 IMAGE_SIZE = 112
 _SUPERSAMPLE = 4  # draw large, then downscale: smooth edges without any drawing library beyond Pillow
 _POSITION_JITTER = 0.06  # fraction of a cell side; with the largest radius a shape still fits its cell
+_GRADIENT = 24  # background levels faded across the image (see _background)
 _COLOUR_JITTER = 20  # per-channel jitter so a model learns colour names, not eight exact RGB triples
 
 
@@ -109,11 +110,24 @@ def _make_shape(rng: random.Random, kind: str, cell: int, size: int) -> Shape:
 def render(scene: Scene) -> Image.Image:
     """The scene as an RGB image of `scene.size` pixels square."""
     big = scene.size * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), scene.background)
+    image = _background(scene.background, big)
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
         _draw_shape(draw, shape, _SUPERSAMPLE)
     return image.resize((scene.size, scene.size), Image.Resampling.LANCZOS)
+
+
+def _background(rgb: tuple[int, int, int], size: int) -> Image.Image:
+    """The light background, its red fading to the right and its green downwards by up to _GRADIENT levels.
+
+    Qwen2-VL's vision tower has no absolute position embedding (only relative rotary), so a patch of plain
+    background looks the same anywhere and a tiny tower never learns where a patch is; the faint gradient
+    tells every patch its place, which "Where is the star?" needs once the star is found by what it is."""
+    ramp = Image.linear_gradient("L").resize((size, size))  # 0 at the top .. 255 at the bottom
+    down = ramp.point(lambda v: rgb[1] - round(_GRADIENT * v / 255))
+    right = ramp.transpose(Image.Transpose.ROTATE_90)  # 0 at the left .. 255 at the right
+    right = right.point(lambda v: rgb[0] - round(_GRADIENT * v / 255))
+    return Image.merge("RGB", (right, down, Image.new("L", (size, size), rgb[2])))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, scale: int) -> None:

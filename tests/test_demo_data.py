@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -375,3 +376,19 @@ def test_size_flag_replaces_demo_size_fields():
     for bad in ("depth=3", "text_layers=", "mrope_section=8/8/8"):  # unknown field, no value, wrong rotary sum
         with pytest.raises(SystemExit):
             train_demo.parse_args(["--size", bad])
+
+
+def test_training_can_start_from_a_checkpoint(tmp_path):
+    """--init loads a checkpoint's weights: with a zero learning rate one step leaves them as they were."""
+    from safetensors.torch import load_file
+
+    from ocula import cli
+
+    asset = Path(cli.DEFAULT_MODEL)
+    args = train_demo.parse_args(["--out", str(tmp_path / "ft"), "--init", str(asset), "--steps", "1",
+                                  "--lr", "0", "--batch-size", "2", "--eval-every", "0", "--eval-images", "1",
+                                  "--threads", "1", "--workers", "0"])
+    train_demo.train(args)
+    before, after = load_file(str(asset / "model.safetensors")), load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

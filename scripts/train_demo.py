@@ -57,6 +57,7 @@ from ocula.demo.batches import (
 
 DEFAULT_CURRICULUM = "shape:600,colour:400,colour+shape+caption:400,mix:4600,focus:3000"
 DEFAULT_RESTART = "6000:3e-4"  # the focus phase's own learning-rate cycle
+MIX, FOCUS = 0, -1  # the scene-size field of a `mix` / `focus` phase: neither asks a fixed number of shapes
 
 
 def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], int, int]]:
@@ -69,7 +70,7 @@ def parse_curriculum(text: str) -> list[tuple[tuple[str, ...], int, int]]:
         head, _, steps = part.partition(":")
         types, _, count = head.partition("@")
         if types in ("mix", "focus") and not count and steps.isdigit():
-            phases.append(((), 0 if types == "mix" else -1, int(steps)))
+            phases.append(((), MIX if types == "mix" else FOCUS, int(steps)))
             continue
         qtypes = tuple(types.split("+"))
         allowed = WARMUP_TYPES if not count else PHASE_TYPES
@@ -184,12 +185,12 @@ def step_samples(step: int, args: argparse.Namespace) -> list:
     start, mixed = 0, 0  # mixed: full-mix steps so far, so the mix walks its own seeds in order
     for qtypes, num_shapes, steps in args.curriculum:
         if step < start + steps:
-            if num_shapes == -1:
+            if num_shapes == FOCUS:
                 return focus_samples(step - start, args.batch_size)
-            if not qtypes:
+            if num_shapes == MIX:
                 return train_samples(mixed + step - start, args.batch_size)
             return warmup_samples(step, args.batch_size, qtypes, num_shapes)
-        mixed += steps if num_shapes == 0 else 0
+        mixed += steps if num_shapes == MIX else 0
         start += steps
     return train_samples(mixed + step - start, args.batch_size)
 

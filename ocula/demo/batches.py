@@ -18,6 +18,7 @@ Works with any processor that has transformers' Qwen2-VL call signature (ocula's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,13 +93,8 @@ def warmup_samples(step: int, batch_size: int, qtypes: tuple[str, ...] = WARMUP_
     """Scenes of `num_shapes` shapes asked the question types `qtypes` in turn: the batch of curriculum step
     `step`."""
     seed = shapes.TRAIN_SEEDS.start + WARMUP_OFFSET + step * batch_size * 4  # ~1/3 of seeds qualify
-    out: list[shapes.Sample] = []
-    while len(out) < batch_size:
-        sample = shapes.sample(seed, qtypes[len(out) % len(qtypes)])
-        if len(sample.scene.shapes) == num_shapes:
-            out.append(sample)
-        seed += 1
-    return out
+    return _kept_samples(seed, batch_size, lambda i: qtypes[i % len(qtypes)],
+                         lambda sample: len(sample.scene.shapes) == num_shapes)
 
 
 FOCUS_OFFSET = 700_000_000  # seeds of the focus mix, apart from the other streams
@@ -111,10 +107,18 @@ FOCUS_TYPES = ("colour", "count", "position") * 3 + ("shape", "caption")
 def focus_samples(step: int, batch_size: int) -> list[shapes.Sample]:
     """The batch of focus-mix step `step`: FOCUS_TYPES in turn, on scenes of 2 or 3 shapes (80%) or 1."""
     seed = shapes.TRAIN_SEEDS.start + FOCUS_OFFSET + step * batch_size * 2
+    return _kept_samples(seed, batch_size, lambda i: FOCUS_TYPES[(step * batch_size + i) % len(FOCUS_TYPES)],
+                         lambda sample: len(sample.scene.shapes) > 1 or sample.seed % 2 == 0)  # 1:2:2, not 1:1:1
+
+
+def _kept_samples(seed: int, n: int, qtype: Callable[[int], str], keep: Callable[[shapes.Sample], bool]
+                  ) -> list[shapes.Sample]:
+    """The first `n` samples that `keep` accepts, walking consecutive seeds from `seed`; sample i (counting
+    kept ones) is asked `qtype(i)`."""
     out: list[shapes.Sample] = []
-    while len(out) < batch_size:
-        sample = shapes.sample(seed, FOCUS_TYPES[(step * batch_size + len(out)) % len(FOCUS_TYPES)])
-        if len(sample.scene.shapes) > 1 or seed % 2 == 0:  # 1:2:2 instead of 1:1:1
+    while len(out) < n:
+        sample = shapes.sample(seed, qtype(len(out)))
+        if keep(sample):
             out.append(sample)
         seed += 1
     return out

@@ -12,6 +12,10 @@ Notable features:
   end-to-end check of the library's generation path.
 - `--errors` sorts the wrong generated answers on scenes of several shapes: an attribute of another shape
   in the scene (the model saw it but did not pick the shape the question names) or one not in the scene.
+- `--probe` asks where the model loses the shape a colour question names: a linear probe reads "circle" /
+  "square" / ... from the hidden state after each decoder layer, at the question's last word and where the
+  answer is written. A model that answers "What colour is the circle?" right carries the kind to the answer
+  (~90% there); one that answers with the colour of some shape in the scene does not (~25-50%, chance 25%).
 - Targets: >= 95% on shape and colour, >= 90% on count and position; the exit status is 1 when missed.
 """
 
@@ -27,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ocula.demo import shapes
-from ocula.demo.batches import conversation, correct, heldout_samples
+from ocula.demo.batches import conversation, correct, heldout_samples, make_batch
 
 TARGETS = {"shape": 0.95, "colour": 0.95, "count": 0.90, "position": 0.90}
 
@@ -40,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generate", action="store_true", help="score generate() output instead of logits")
     p.add_argument("--errors", action="store_true",
                    help="also sort the wrong generated answers on 2- and 3-shape scenes (see error_kind)")
+    p.add_argument("--probe", action="store_true",
+                   help="also probe each decoder layer for the shape a colour question names (see kind_probe)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", choices=("ocula", "transformers"), default="ocula")
     return p.parse_args(argv)
@@ -120,6 +126,61 @@ def errors(model, processor, n: int, batch_size: int) -> dict[str, dict[str, int
     return out
 
 
+@torch.no_grad()
+def hidden_states(model, processor, samples: list[shapes.Sample], batch_size: int = 50
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([layers + 1, N, D] hidden states where the answer is written, the same at the question's last word
+    (the token before "?")): the decoder's input and each layer's output, taken with forward hooks."""
+    layers = model.model.language_model.layers
+    captured: list[torch.Tensor] = []
+    hooks = [layers[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))]
+    hooks += [layer.register_forward_hook(lambda module, args, out: captured.append(
+        out[0] if isinstance(out, tuple) else out)) for layer in layers]
+    answer, word = [], []
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = make_batch(processor, samples[start:start + batch_size])
+            captured.clear()
+            model(**batch.inputs)
+            rows = torch.arange(len(batch.samples))
+            first = (batch.labels != -100).int().argmax(1)  # the first answer token; it is predicted one before
+            ids = batch.inputs["input_ids"]
+            mark = processor.tokenizer.convert_tokens_to_ids("?")
+            last_word = torch.stack([(row == mark).nonzero().max() - 1 for row in ids])
+            answer.append(torch.stack([h[rows, first - 1] for h in captured]))
+            word.append(torch.stack([h[rows, last_word] for h in captured]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(answer, 1), torch.cat(word, 1)
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, train: int, classes: int, steps: int = 300) -> float:
+    """Held-out accuracy of a softmax-regression probe fitted on the first `train` rows of x [N, D]."""
+    mean, std = x[:train].mean(0), x[:train].std(0) + 1e-5
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(x[:train] @ weight, y[:train]) + 1e-3 * weight.square().sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return ((x[train:] @ weight).argmax(1) == y[train:]).float().mean().item()
+
+
+def kind_probe(model, processor, n: int = 600, train: int = 400) -> dict[str, list[float]]:
+    """{"at the word": [...], "at the answer": [...]}: how well the kind a colour question names is read
+    linearly from the decoder's input and each layer's output (chance 0.25), fitted on `train` held-out
+    colour questions and scored on the rest."""
+    samples = heldout_samples("colour", n)
+    kinds = torch.tensor([shapes.KINDS.index(s.question.rstrip("?").split()[-1]) for s in samples])
+    answer, word = hidden_states(model, processor, samples)
+    return {"at the word": [round(linear_probe(h, kinds, train, len(shapes.KINDS)), 3) for h in word],
+            "at the answer": [round(linear_probe(h, kinds, train, len(shapes.KINDS)), 3) for h in answer]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"images_per_type": args.images, "accuracy": scores, "missed_targets": missed}
     if args.errors:
         result["multi_shape_answers"] = errors(model, processor, args.images, args.batch_size)
+    if args.probe:
+        result["asked_kind_probe"] = kind_probe(model, processor)
     print(json.dumps(result, indent=2))
     return 1 if missed else 0
 

@@ -132,3 +132,15 @@ def test_eval_script_sorts_errors_on_multi_shape_scenes(library):
     multi = sum(len(s.scene.shapes) > 1 for s in eval_demo.heldout_samples("colour", 12))
     assert sum(kinds["colour"].values()) == multi > 0
     assert set(kinds["colour"]) <= {"right", "another shape's", "not in the scene"}
+
+
+def test_kind_probe_reads_the_named_shape_where_it_is_written(library):
+    """eval_demo.kind_probe: at the question's last word the decoder's input is that word's embedding, so a
+    linear probe reads the kind from it; where the answer is written the input is always the same token, so
+    nothing can be read there before the first layer (chance, 0.25, up to the majority class's share)."""
+    processor, model = library
+    probe = eval_demo.kind_probe(model, processor, n=200, train=130)
+    layers = len(model.model.language_model.layers)
+    assert len(probe["at the word"]) == len(probe["at the answer"]) == layers + 1
+    assert probe["at the word"][0] >= 0.95
+    assert probe["at the answer"][0] <= 0.4

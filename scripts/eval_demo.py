@@ -136,6 +136,7 @@ def hidden_states(model, processor, samples: list[shapes.Sample], batch_size: in
     hooks = [layers[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))]
     hooks += [layer.register_forward_hook(lambda module, args, out: captured.append(
         out[0] if isinstance(out, tuple) else out)) for layer in layers]
+    mark = processor.tokenizer.convert_tokens_to_ids("?")
     answer, word = [], []
     try:
         for start in range(0, len(samples), batch_size):
@@ -144,9 +145,7 @@ def hidden_states(model, processor, samples: list[shapes.Sample], batch_size: in
             model(**batch.inputs)
             rows = torch.arange(len(batch.samples))
             first = (batch.labels != -100).int().argmax(1)  # the first answer token; it is predicted one before
-            ids = batch.inputs["input_ids"]
-            mark = processor.tokenizer.convert_tokens_to_ids("?")
-            last_word = torch.stack([(row == mark).nonzero().max() - 1 for row in ids])
+            last_word = torch.stack([(row == mark).nonzero().max() - 1 for row in batch.inputs["input_ids"]])
             answer.append(torch.stack([h[rows, first - 1] for h in captured]))
             word.append(torch.stack([h[rows, last_word] for h in captured]))
     finally:

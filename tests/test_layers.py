@@ -9,7 +9,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfi
 from transformers.vision_utils import get_vision_position_ids
 
 from ocula.engine.paged_attention import PagedAttentionMetadata, PagedKVCache
-from ocula.layers.attention import DenseAttentionMetadata, StaticKVCache, attention
+from ocula.layers.attention import DenseAttentionMetadata, StaticKVCache, attention, segment_attention
 from ocula.layers.mlp import SwiGLUMLP, quick_gelu
 from ocula.layers.norm import RMSNorm
 from ocula.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary, vision_rows_cols
@@ -142,3 +142,13 @@ def test_paged_path_equals_dense():
     )
     paged = attention(q, k, v, 0, meta, scale=0.35, sliding_window=4)
     torch.testing.assert_close(paged, dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bounds", [[0, 16, 32, 48], [0, 16, 40, 48], [0, 48]])
+def test_segment_attention_keeps_each_segment_to_itself(bounds):
+    """Equal segments take one batched call, unequal ones a call each: both equal a masked eager reference."""
+    q, k, v = (torch.randn(3, 48, 8, generator=_gen(i)) for i in range(3))
+    segment = torch.repeat_interleave(torch.arange(len(bounds) - 1), torch.diff(torch.tensor(bounds)))
+    scores = (q @ k.transpose(1, 2)) / 8**0.5
+    scores = scores.masked_fill(segment[:, None] != segment[None, :], float("-inf"))
+    torch.testing.assert_close(segment_attention(q, k, v, bounds), scores.softmax(-1) @ v)

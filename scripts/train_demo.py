@@ -51,6 +51,7 @@ from ocula.demo.batches import (
     focus_samples,
     loss_fn,
     make_batch,
+    scored_positions,
     train_samples,
     warmup_samples,
 )
@@ -276,7 +277,9 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, float]]:
     stream = batches(processor, args)
     for step in range(args.steps):
         batch = next(stream)
-        loss = loss_fn(model(**batch.inputs).logits, batch.labels, per_answer=args.loss == "answer")
+        kept = scored_positions(batch.labels)
+        logits = model(**batch.inputs, logits_to_keep=kept).logits
+        loss = loss_fn(logits, batch.labels, per_answer=args.loss == "answer", kept=kept)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -15,9 +15,11 @@ from ocula.demo import DEMO_SIZE, shapes, write_skeleton
 from ocula.demo.batches import (
     FOCUS_TYPES,
     WARMUP_TYPES,
+    exact_match,
     focus_samples,
     loss_fn,
     make_batch,
+    scored_positions,
     train_samples,
     warmup_samples,
 )
@@ -189,6 +191,27 @@ def test_loss_weighs_every_answer_the_same():
     assert not torch.allclose(loss_fn(logits, labels), token)
     labels[1] = -100  # a row without labels counts for nothing
     assert torch.allclose(loss_fn(logits, labels), rows[0])
+
+
+def test_loss_and_exact_match_at_the_scored_positions_only():
+    """Logits kept at `scored_positions` score exactly like the full logits; a position left out would not."""
+    import ocula
+
+    folder = Path(__file__).resolve().parents[1] / "ocula" / "assets" / "shapes-qwen2-vl"
+    model = ocula.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    batch = make_batch(ocula.AutoProcessor.from_pretrained(folder), [shapes.sample(s, t) for s, t in
+                                                                      [(0, "caption"), (1, "colour"), (2, "count")]])
+    kept = scored_positions(batch.labels)
+    assert 0 < len(kept) < batch.labels.shape[1] / 2
+    with torch.no_grad():
+        full, part = model(**batch.inputs).logits, model(**batch.inputs, logits_to_keep=kept).logits
+    assert part.shape == (3, len(kept), full.shape[-1])
+    for per_answer in (True, False):
+        torch.testing.assert_close(loss_fn(part, batch.labels, per_answer, kept),
+                                   loss_fn(full, batch.labels, per_answer))
+    assert exact_match(part, batch.labels, kept).tolist() == exact_match(full, batch.labels).tolist()
+    with pytest.raises(AssertionError):  # dropping the last scored position changes the loss
+        torch.testing.assert_close(loss_fn(part[:, :-1], batch.labels, kept=kept[:-1]), loss_fn(full, batch.labels))
 
 
 def test_background_tells_every_patch_where_it_is():

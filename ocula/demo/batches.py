@@ -55,14 +55,28 @@ def make_batch(processor, samples: list[shapes.Sample]) -> Batch:
     return Batch(inputs=dict(inputs), labels=labels, samples=samples)
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, per_answer: bool = True) -> torch.Tensor:
-    """Next-token cross-entropy over the labelled tokens. logits [B, S, V], labels [B, S].
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[K] the positions whose next token is labelled in some row: the only logits the loss and exact match
+    read. Passed as `logits_to_keep`, the LM head and its softmax skip the image and question positions."""
+    return (labels[:, 1:] != -100).any(0).nonzero()[:, 0]
+
+
+def _aligned(logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor | None):
+    """(logits, the token each predicts): all positions, or the `kept` ones the logits were computed at."""
+    if kept is None:
+        return logits[:, :-1], labels[:, 1:]
+    return logits, labels[:, kept + 1]
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, per_answer: bool = True,
+            kept: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens. logits [B, S, V] (or [B, K, V] at `kept`), labels [B, S].
 
     per_answer: the mean over each answer's tokens, then over answers, so every question weighs the same;
     the plain token mean lets a 12-token caption outweigh a one-word colour or count sixfold."""
-    target = labels[:, 1:]
+    logits, target = _aligned(logits, labels, kept)
     token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="none"
+        logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="none"
     ).view_as(target)
     counted = (target != -100).float()
     if not per_answer:
@@ -70,11 +84,10 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, per_answer: bool = True)
     return ((token * counted).sum(1) / counted.sum(1).clamp(min=1)).sum() / (counted.sum(1) > 0).sum()
 
 
-def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def exact_match(logits: torch.Tensor, labels: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """[B] bool: every labelled token is the argmax of the logits one position before it."""
-    predicted = logits[:, :-1].argmax(-1)  # [B, S-1]
-    target = labels[:, 1:]
-    return ((predicted == target) | (target == -100)).all(-1)
+    logits, target = _aligned(logits, labels, kept)
+    return ((logits.argmax(-1) == target) | (target == -100)).all(-1)
 
 
 def train_samples(step: int, batch_size: int, offset: int = 0) -> list[shapes.Sample]:
@@ -137,7 +150,8 @@ def correct(model, processor, samples: list[shapes.Sample], batch_size: int = 50
     flags: list[bool] = []
     for start in range(0, len(samples), batch_size):
         batch = make_batch(processor, samples[start:start + batch_size])
-        flags += exact_match(model(**batch.inputs).logits, batch.labels).tolist()
+        kept = scored_positions(batch.labels)
+        flags += exact_match(model(**batch.inputs, logits_to_keep=kept).logits, batch.labels, kept).tolist()
     model.train(was_training)
     return flags
 

@@ -15,7 +15,8 @@ Notable features:
 - `--probe` asks where the model loses the shape a colour question names: a linear probe reads "circle" /
   "square" / ... from the hidden state after each decoder layer, at the question's last word and where the
   answer is written. A model that answers "What colour is the circle?" right carries the kind to the answer
-  (~90% there); one that answers with the colour of some shape in the scene does not (~25-50%, chance 25%).
+  (~90% there) or finds the colour at the word and copies that on: a second probe reads the answer, the
+  named shape's colour, at the same two places, on scenes of several shapes.
 - Targets: >= 95% on shape and colour, >= 90% on count and position; the exit status is 1 when missed.
 """
 
@@ -180,6 +181,18 @@ def kind_probe(model, processor, n: int = 600, train: int = 400) -> dict[str, li
             "at the answer": [round(linear_probe(h, kinds, train, len(shapes.KINDS)), 3) for h in answer]}
 
 
+def colour_probe(model, processor, n: int = 1400, train: int = 600) -> dict[str, list[float]]:
+    """{"at the word": [...], "at the answer": [...]}: how well the named shape's colour, the answer, is read
+    linearly at the same two places, on the colour questions of scenes of several shapes among the first `n`
+    held-out images (no shape is found without a lookup there); fitted on `train`, scored on the rest."""
+    samples = [s for s in heldout_samples("colour", n) if len(s.scene.shapes) > 1]
+    names = sorted(shapes.COLOURS)
+    colours = torch.tensor([names.index(s.answer) for s in samples])
+    answer, word = hidden_states(model, processor, samples)
+    return {"at the word": [round(linear_probe(h, colours, train, len(names)), 3) for h in word],
+            "at the answer": [round(linear_probe(h, colours, train, len(names)), 3) for h in answer]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         result["multi_shape_answers"] = errors(model, processor, args.images, args.batch_size)
     if args.probe:
         result["asked_kind_probe"] = kind_probe(model, processor)
+        result["named_colour_probe"] = colour_probe(model, processor)
     print(json.dumps(result, indent=2))
     return 1 if missed else 0
 

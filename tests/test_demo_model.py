@@ -22,10 +22,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 N = 24  # held-out images per question type
 
 # question type -> (fewest right answers out of N, right answers measured on these N images). The model
-# misses the 95% / 90% targets for colour and position (500 images: shape 100%, colour 67.4%, count 96.0%,
-# position 79.4%, caption 98.2%); these floors pin what it does today, two answers of slack for float
-# differences between machines.
-FLOORS = {"shape": (22, 24), "colour": (14, 16), "count": (21, 23), "position": (17, 19), "caption": (22, 24)}
+# misses the 95% targets for shape and colour (500 images: shape 83.4%, colour 91.8%, count 91.2%, position
+# 90.6%, caption 89.0%); these floors pin what it does today, two answers of slack for float differences
+# between machines.
+FLOORS = {"shape": (17, 19), "colour": (22, 24), "count": (21, 23), "position": (18, 20), "caption": (19, 21)}
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +86,11 @@ def test_cli_run_describes_the_example_image(capsys):
 
 
 def test_cli_run_answers_about_the_example_image(capsys):
-    # not asked: "What colour is the square?" and "Where is the circle?" (it answers "red" and "bottom right":
-    # finding one shape by its kind among two is its weakest skill, see README)
     for prompt, want in [("What shape is at the top left?", "circle"), ("Where is the square?", "bottom right"),
-                         ("How many shapes are there?", "2"), ("Is the circle left or right of the square?", "left"),
-                         ("What colour is the circle?", "red"), ("How many red shapes are there?", "1")]:
+                         ("Where is the circle?", "top left"), ("How many shapes are there?", "2"),
+                         ("Is the circle left or right of the square?", "left"), ("What colour is the circle?", "red"),
+                         ("What color is the square?", "blue"), ("How many red shapes are there?", "1"),
+                         ("Describe the picture.", "a red circle left of a blue square")]:
         assert cli.main(["run", "--image", str(EXAMPLE), prompt]) == 0
         assert capsys.readouterr().out.strip() == want, prompt
 
@@ -144,3 +144,12 @@ def test_kind_probe_reads_the_named_shape_where_it_is_written(library):
     assert len(probe["at the word"]) == len(probe["at the answer"]) == layers + 1
     assert probe["at the word"][0] >= 0.95
     assert probe["at the answer"][0] <= 0.4
+
+
+def test_colour_probe_reads_the_answer_only_after_the_decoder_looked(library):
+    """eval_demo.colour_probe: the named shape's colour is not in the decoder's input at the word ("circle")
+    or where the answer is written, and the shipped model has it at the answer after its last layer."""
+    processor, model = library
+    probe = eval_demo.colour_probe(model, processor, n=500, train=200)
+    assert probe["at the word"][0] <= 0.3 and probe["at the answer"][0] <= 0.3  # 6 colours: chance 1/6
+    assert probe["at the answer"][-1] >= 0.7

@@ -1,6 +1,6 @@
 """Train the shapes demo model, a tiny Qwen2-VL, on procedurally generated images; save a checkpoint folder.
 
-    python scripts/train_demo.py --out shapes-demo      # the shipped model: 9000 steps, ~25 minutes on 2 cores
+    python scripts/train_demo.py --out shapes-demo      # the shipped model: 9000 steps, ~26 minutes on 2 cores
     ocula run --model shapes-demo --image examples/shapes.png "What is in the picture?"
 
 Notable features:

@@ -10,7 +10,8 @@ Notable features:
   few hundred steps; asked together from the start, the tiny vision tower learns colour and not shape.
 - `focus_samples`: the full mix leaning on the questions that need finding a shape by what it is, on
   scenes of several shapes (the last phase of the default curriculum).
-- `loss_fn` weighs every answer the same, whatever its length.
+- `loss_fn` weighs every answer the same, whatever its length; `scored_positions` names the only positions whose
+  logits it and `exact_match` read (for `logits_to_keep`).
 - `exact_match` scores teacher-forced logits: every answer token (and `<|im_end|>`) being the argmax is
   the same event as greedy decoding producing exactly the answer, at the cost of one forward pass.
 Works with any processor that has transformers' Qwen2-VL call signature (ocula's or transformers').

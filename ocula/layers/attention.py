@@ -157,7 +157,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     length (a batch of same-size images) go through one batched call instead of one call each.
     """
     lengths = {b - a for a, b in itertools.pairwise(bounds)}
-    if len(lengths) == 1 and len(bounds) > 2:  # equal segments (a batch of same-size images): one batched call
+    if len(lengths) == 1:  # one segment, or equal ones (a batch of same-size images): one batched call
         n, (h, _, d) = lengths.pop(), q.shape
         q, k, v = (x.unflatten(1, (-1, n)).transpose(0, 1) for x in (q, k, v))  # [S, H, n, D]
         return sdpa(q, k, v).transpose(0, 1).reshape(h, -1, d)
@@ -166,7 +166,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
         sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])  # [1, H, n, D]
         for a, b in itertools.pairwise(bounds)
     ]
-    return torch.cat(out, dim=2)[0] if len(out) > 1 else out[0][0]
+    return torch.cat(out, dim=2)[0]
 
 
 def _packed(x: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--errors", action="store_true",
                    help="also sort the wrong generated answers on 2- and 3-shape scenes (see error_kind)")
     p.add_argument("--probe", action="store_true",
-                   help="also probe each decoder layer for the shape a colour question names (see kind_probe)")
+                   help="also probe each decoder layer for the shape a colour question names and for its colour "
+                        "(see kind_probe, colour_probe)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", choices=("ocula", "transformers"), default="ocula")
     return p.parse_args(argv)
@@ -176,9 +177,7 @@ def kind_probe(model, processor, n: int = 600, train: int = 400) -> dict[str, li
     colour questions and scored on the rest."""
     samples = heldout_samples("colour", n)
     kinds = torch.tensor([shapes.KINDS.index(s.question.rstrip("?").split()[-1]) for s in samples])
-    answer, word = hidden_states(model, processor, samples)
-    return {"at the word": [round(linear_probe(h, kinds, train, len(shapes.KINDS)), 3) for h in word],
-            "at the answer": [round(linear_probe(h, kinds, train, len(shapes.KINDS)), 3) for h in answer]}
+    return _probe_word_and_answer(model, processor, samples, kinds, train, len(shapes.KINDS))
 
 
 def colour_probe(model, processor, n: int = 1400, train: int = 600) -> dict[str, list[float]]:
@@ -188,9 +187,14 @@ def colour_probe(model, processor, n: int = 1400, train: int = 600) -> dict[str,
     samples = [s for s in heldout_samples("colour", n) if len(s.scene.shapes) > 1]
     names = sorted(shapes.COLOURS)
     colours = torch.tensor([names.index(s.answer) for s in samples])
+    return _probe_word_and_answer(model, processor, samples, colours, train, len(names))
+
+
+def _probe_word_and_answer(model, processor, samples, labels: torch.Tensor, train: int, classes: int
+                           ) -> dict[str, list[float]]:
     answer, word = hidden_states(model, processor, samples)
-    return {"at the word": [round(linear_probe(h, colours, train, len(names)), 3) for h in word],
-            "at the answer": [round(linear_probe(h, colours, train, len(names)), 3) for h in answer]}
+    return {where: [round(linear_probe(h, labels, train, classes), 3) for h in states]
+            for where, states in (("at the word", word), ("at the answer", answer))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,8 +196,9 @@ def test_loss_weighs_every_answer_the_same():
 def test_loss_and_exact_match_at_the_scored_positions_only():
     """Logits kept at `scored_positions` score exactly like the full logits; a position left out would not."""
     import ocula
+    from ocula import cli
 
-    folder = Path(__file__).resolve().parents[1] / "ocula" / "assets" / "shapes-qwen2-vl"
+    folder = Path(cli.DEFAULT_MODEL)
     model = ocula.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
     batch = make_batch(ocula.AutoProcessor.from_pretrained(folder), [shapes.sample(s, t) for s, t in
                                                                       [(0, "caption"), (1, "colour"), (2, "count")]])

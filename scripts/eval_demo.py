@@ -16,7 +16,9 @@ Notable features:
   "square" / ... from the hidden state after each decoder layer, at the question's last word and where the
   answer is written. A model that answers "What colour is the circle?" right carries the kind to the answer
   (~90% there) or finds the colour at the word and copies that on: a second probe reads the answer, the
-  named shape's colour, at the same two places, on scenes of several shapes.
+  named shape's colour, at the same two places, on scenes of several shapes. Two more read, where the
+  answer to "What shape is at the top left?" is written, the row and column asked (a model that carries only
+  the row confuses the shapes of a row), and, at every image token of a shape, the row and column of its cell.
 - Targets: >= 95% on shape and colour, >= 90% on count and position; the exit status is 1 when missed.
 """
 
@@ -26,6 +28,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -46,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--errors", action="store_true",
                    help="also sort the wrong generated answers on 2- and 3-shape scenes (see error_kind)")
     p.add_argument("--probe", action="store_true",
-                   help="also probe each decoder layer for the shape a colour question names and for its colour "
-                        "(see kind_probe, colour_probe)")
+                   help="also probe each decoder layer for the shape a colour question names and for its colour, for "
+                        "the place a shape question asks, and for each image token's place "
+                        "(see kind_probe, colour_probe, place_probe, cell_probe)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--backend", choices=("ocula", "transformers"), default="ocula")
     return p.parse_args(argv)
@@ -128,32 +132,81 @@ def errors(model, processor, n: int, batch_size: int) -> dict[str, dict[str, int
     return out
 
 
+class LayerOutputs:
+    """Context manager: `.states` is [layers + 1, B, S, D] after each forward pass, the decoder's input and each
+    layer's output, taken with forward hooks."""
+
+    def __init__(self, model):
+        self.layers = model.model.language_model.layers
+        self.captured: list[torch.Tensor] = []
+
+    def __enter__(self) -> Self:
+        self.hooks = [self.layers[0].register_forward_pre_hook(lambda module, args: self.captured.append(args[0]))]
+        self.hooks += [layer.register_forward_hook(lambda module, args, out: self.captured.append(
+            out[0] if isinstance(out, tuple) else out)) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    @property
+    def states(self) -> torch.Tensor:
+        states = torch.stack(self.captured)
+        self.captured.clear()
+        return states
+
+
 @torch.no_grad()
 def hidden_states(model, processor, samples: list[shapes.Sample], batch_size: int = 50
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """([layers + 1, N, D] hidden states where the answer is written, the same at the question's last word
-    (the token before "?")): the decoder's input and each layer's output, taken with forward hooks."""
-    layers = model.model.language_model.layers
-    captured: list[torch.Tensor] = []
-    hooks = [layers[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))]
-    hooks += [layer.register_forward_hook(lambda module, args, out: captured.append(
-        out[0] if isinstance(out, tuple) else out)) for layer in layers]
+    (the token before "?")): the decoder's input and each layer's output."""
     mark = processor.tokenizer.convert_tokens_to_ids("?")
     answer, word = [], []
-    try:
+    with LayerOutputs(model) as outputs:
         for start in range(0, len(samples), batch_size):
             batch = make_batch(processor, samples[start:start + batch_size])
-            captured.clear()
             model(**batch.inputs)
+            states = outputs.states
             rows = torch.arange(len(batch.samples))
             first = (batch.labels != -100).int().argmax(1)  # the first answer token; it is predicted one before
             last_word = torch.stack([(row == mark).nonzero().max() - 1 for row in batch.inputs["input_ids"]])
-            answer.append(torch.stack([h[rows, first - 1] for h in captured]))
-            word.append(torch.stack([h[rows, last_word] for h in captured]))
-    finally:
-        for hook in hooks:
-            hook.remove()
+            answer.append(states[:, rows, first - 1])
+            word.append(states[:, rows, last_word])
     return torch.cat(answer, 1), torch.cat(word, 1)
+
+
+@torch.no_grad()
+def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int = 50) -> dict[str, list[float]]:
+    """{"row": [...], "column": [...]}: how well an image token's place (top or bottom half, left or right half)
+    is read linearly from the decoder's input and each layer's output (chance 0.5), on the image tokens of the
+    cells that hold a shape; fitted on the tokens of the first `train` held-out images, scored on the rest.
+
+    Qwen2-VL's vision tower has only relative rotary positions, so the decoder's input knows a token's place
+    only from what the image shows there; the decoder's causal attention then tells a token how many image
+    tokens come before it, which gives the row (a threshold on that count) far more easily than the column."""
+    samples = heldout_samples("shape", n)
+    image_token = model.config.image_token_id
+    states, rows, cols, images = [], [], [], []
+    with LayerOutputs(model) as outputs:
+        for start in range(0, n, batch_size):
+            batch = make_batch(processor, samples[start:start + batch_size])
+            model(**batch.inputs)
+            hidden = outputs.states
+            for b, (sample, ids, (_, h, _)) in enumerate(zip(batch.samples, batch.inputs["input_ids"],
+                                                             batch.inputs["image_grid_thw"].tolist())):
+                side = h // processor.image_processor.merge_size  # image tokens per row (and column)
+                occupied = {shape.cell for shape in sample.scene.shapes}
+                for k, position in enumerate((ids == image_token).nonzero()[:, 0].tolist()):
+                    row, col = 2 * (k // side) // side, 2 * (k % side) // side
+                    if 2 * row + col in occupied:
+                        states.append(hidden[:, b, position])
+                        rows.append(row), cols.append(col), images.append(start + b)
+    x = torch.stack(states, 1)
+    fit = sum(i < train for i in images)  # tokens come in image order: the first `fit` are the training images'
+    return {name: [round(linear_probe(h, torch.tensor(y), fit, 2), 3) for h in x]
+            for name, y in (("row", rows), ("column", cols))}
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, train: int, classes: int, steps: int = 300) -> float:
@@ -190,6 +243,21 @@ def colour_probe(model, processor, n: int = 1400, train: int = 600) -> dict[str,
     return _probe_word_and_answer(model, processor, samples, colours, train, len(names))
 
 
+def place_probe(model, processor, n: int = 500, train: int = 300) -> dict[str, list[float]]:
+    """{"row": [...], "column": [...]}: how well the place a shape question asks about ("What shape is at the
+    top left?": top, left) is read linearly where the answer is written, from the decoder's input and each
+    layer's output (chance 0.5); fitted on `train` such questions among the held-out ones, scored on the rest.
+
+    The answer position must fetch both words from the question before it can pick the shape there; a model
+    that carries only one of them confuses the shapes of a row (or of a column)."""
+    samples = [s for s in heldout_samples("shape", 2 * n) if " at the " in s.question][:n]
+    places = [s.question.rstrip("?").split(" at the ")[1].split() for s in samples]
+    answer, _ = hidden_states(model, processor, samples)
+    return {name: [round(linear_probe(h, torch.tensor(y), train, 2), 3) for h in answer]
+            for name, y in (("row", [int(p[0] == "bottom") for p in places]),
+                            ("column", [int(p[1] == "right") for p in places]))}
+
+
 def _probe_word_and_answer(model, processor, samples, labels: torch.Tensor, train: int, classes: int
                            ) -> dict[str, list[float]]:
     answer, word = hidden_states(model, processor, samples)
@@ -209,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         result["asked_kind_probe"] = kind_probe(model, processor)
         result["named_colour_probe"] = colour_probe(model, processor)
+        result["asked_place_probe"] = place_probe(model, processor)
+        result["image_token_cell_probe"] = cell_probe(model, processor)
     print(json.dumps(result, indent=2))
     return 1 if missed else 0
 

@@ -188,7 +188,7 @@ def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int
     tokens come before it, which gives the row (a threshold on that count) far more easily than the column."""
     samples = heldout_samples("shape", n)
     image_token = model.config.image_token_id
-    states, rows, cols, images = [], [], [], []
+    found = []  # (hidden states [layers + 1, D], row, column, image index) of each image token of a shape
     with LayerOutputs(model) as outputs:
         for start in range(0, n, batch_size):
             batch = make_batch(processor, samples[start:start + batch_size])
@@ -201,8 +201,8 @@ def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int
                 for k, position in enumerate((ids == image_token).nonzero()[:, 0].tolist()):
                     row, col = 2 * (k // side) // side, 2 * (k % side) // side
                     if 2 * row + col in occupied:
-                        states.append(hidden[:, b, position])
-                        rows.append(row), cols.append(col), images.append(start + b)
+                        found.append((hidden[:, b, position], row, col, start + b))
+    states, rows, cols, images = zip(*found)
     x = torch.stack(states, 1)
     fit = sum(i < train for i in images)  # tokens come in image order: the first `fit` are the training images'
     return {name: [round(linear_probe(h, torch.tensor(y), fit, 2), 3) for h in x]

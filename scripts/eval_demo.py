@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Self
 
 import torch
 
@@ -132,52 +131,41 @@ def errors(model, processor, n: int, batch_size: int) -> dict[str, dict[str, int
     return out
 
 
-class LayerOutputs:
-    """Context manager: `.states` is [layers + 1, B, S, D] after each forward pass, the decoder's input and each
-    layer's output, taken with forward hooks."""
-
-    def __init__(self, model):
-        self.layers = model.model.language_model.layers
-        self.captured: list[torch.Tensor] = []
-
-    def __enter__(self) -> Self:
-        self.hooks = [self.layers[0].register_forward_pre_hook(lambda module, args: self.captured.append(args[0]))]
-        self.hooks += [layer.register_forward_hook(lambda module, args, out: self.captured.append(
-            out[0] if isinstance(out, tuple) else out)) for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hook in self.hooks:
+@torch.no_grad()
+def layer_states(model, processor, samples: list[shapes.Sample], batch_size: int = 50):
+    """Yield (batch, [layers + 1, B, S, D]) for each batch of `samples`: the decoder's input and each layer's
+    output, taken with forward hooks."""
+    layers = model.model.language_model.layers
+    captured: list[torch.Tensor] = []
+    hooks = [layers[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))]
+    hooks += [layer.register_forward_hook(lambda module, args, out: captured.append(
+        out[0] if isinstance(out, tuple) else out)) for layer in layers]
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = make_batch(processor, samples[start:start + batch_size])
+            captured.clear()
+            model(**batch.inputs)
+            yield batch, torch.stack(captured)
+    finally:
+        for hook in hooks:
             hook.remove()
 
-    @property
-    def states(self) -> torch.Tensor:
-        states = torch.stack(self.captured)
-        self.captured.clear()
-        return states
 
-
-@torch.no_grad()
 def hidden_states(model, processor, samples: list[shapes.Sample], batch_size: int = 50
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """([layers + 1, N, D] hidden states where the answer is written, the same at the question's last word
     (the token before "?")): the decoder's input and each layer's output."""
     mark = processor.tokenizer.convert_tokens_to_ids("?")
     answer, word = [], []
-    with LayerOutputs(model) as outputs:
-        for start in range(0, len(samples), batch_size):
-            batch = make_batch(processor, samples[start:start + batch_size])
-            model(**batch.inputs)
-            states = outputs.states
-            rows = torch.arange(len(batch.samples))
-            first = (batch.labels != -100).int().argmax(1)  # the first answer token; it is predicted one before
-            last_word = torch.stack([(row == mark).nonzero().max() - 1 for row in batch.inputs["input_ids"]])
-            answer.append(states[:, rows, first - 1])
-            word.append(states[:, rows, last_word])
+    for batch, states in layer_states(model, processor, samples, batch_size):
+        rows = torch.arange(len(batch.samples))
+        first = (batch.labels != -100).int().argmax(1)  # the first answer token; it is predicted one before
+        last_word = torch.stack([(row == mark).nonzero().max() - 1 for row in batch.inputs["input_ids"]])
+        answer.append(states[:, rows, first - 1])
+        word.append(states[:, rows, last_word])
     return torch.cat(answer, 1), torch.cat(word, 1)
 
 
-@torch.no_grad()
 def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int = 50) -> dict[str, list[float]]:
     """{"row": [...], "column": [...]}: how well an image token's place (top or bottom half, left or right half)
     is read linearly from the decoder's input and each layer's output (chance 0.5), on the image tokens of the
@@ -189,24 +177,22 @@ def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int
     samples = heldout_samples("shape", n)
     image_token = model.config.image_token_id
     found = []  # (hidden states [layers + 1, D], row, column, image index) of each image token of a shape
-    with LayerOutputs(model) as outputs:
-        for start in range(0, n, batch_size):
-            batch = make_batch(processor, samples[start:start + batch_size])
-            model(**batch.inputs)
-            hidden = outputs.states
-            for b, (sample, ids, (_, h, _)) in enumerate(zip(batch.samples, batch.inputs["input_ids"],
-                                                             batch.inputs["image_grid_thw"].tolist())):
-                side = h // processor.image_processor.merge_size  # image tokens per row (and column)
-                occupied = {shape.cell for shape in sample.scene.shapes}
-                for k, position in enumerate((ids == image_token).nonzero()[:, 0].tolist()):
-                    row, col = 2 * (k // side) // side, 2 * (k % side) // side
-                    if 2 * row + col in occupied:
-                        found.append((hidden[:, b, position], row, col, start + b))
+    image = 0
+    for batch, hidden in layer_states(model, processor, samples, batch_size):
+        for b, (sample, ids, (_, h, _)) in enumerate(zip(batch.samples, batch.inputs["input_ids"],
+                                                         batch.inputs["image_grid_thw"].tolist())):
+            side = h // processor.image_processor.merge_size  # image tokens per row (and column)
+            occupied = {shape.cell for shape in sample.scene.shapes}
+            for k, position in enumerate((ids == image_token).nonzero()[:, 0].tolist()):
+                row, col = 2 * (k // side) // side, 2 * (k % side) // side
+                if 2 * row + col in occupied:
+                    found.append((hidden[:, b, position], row, col, image))
+            image += 1
     states, rows, cols, images = zip(*found)
     x = torch.stack(states, 1)
     fit = sum(i < train for i in images)  # tokens come in image order: the first `fit` are the training images'
-    return {name: [round(linear_probe(h, torch.tensor(y), fit, 2), 3) for h in x]
-            for name, y in (("row", rows), ("column", cols))}
+    return {"row": per_layer_probe(x, torch.tensor(rows), fit, 2),
+            "column": per_layer_probe(x, torch.tensor(cols), fit, 2)}
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, train: int, classes: int, steps: int = 300) -> float:
@@ -222,6 +208,11 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, train: int, classes: int, ste
             loss.backward()
             optimizer.step()
     return ((x[train:] @ weight).argmax(1) == y[train:]).float().mean().item()
+
+
+def per_layer_probe(states: torch.Tensor, y: torch.Tensor, train: int, classes: int) -> list[float]:
+    """linear_probe's held-out accuracy on each layer of states [layers + 1, N, D], to three places."""
+    return [round(linear_probe(h, y, train, classes), 3) for h in states]
 
 
 def kind_probe(model, processor, n: int = 600, train: int = 400) -> dict[str, list[float]]:
@@ -251,18 +242,17 @@ def place_probe(model, processor, n: int = 500, train: int = 300) -> dict[str, l
     The answer position must fetch both words from the question before it can pick the shape there; a model
     that carries only one of them confuses the shapes of a row (or of a column)."""
     samples = [s for s in heldout_samples("shape", 2 * n) if " at the " in s.question][:n]
-    places = [s.question.rstrip("?").split(" at the ")[1].split() for s in samples]
+    asked = [next(shape for shape in s.scene.shapes if shape.kind == s.answer) for s in samples]
     answer, _ = hidden_states(model, processor, samples)
-    return {name: [round(linear_probe(h, torch.tensor(y), train, 2), 3) for h in answer]
-            for name, y in (("row", [int(p[0] == "bottom") for p in places]),
-                            ("column", [int(p[1] == "right") for p in places]))}
+    return {"row": per_layer_probe(answer, torch.tensor([shape.row for shape in asked]), train, 2),
+            "column": per_layer_probe(answer, torch.tensor([shape.col for shape in asked]), train, 2)}
 
 
 def _probe_word_and_answer(model, processor, samples, labels: torch.Tensor, train: int, classes: int
                            ) -> dict[str, list[float]]:
     answer, word = hidden_states(model, processor, samples)
-    return {where: [round(linear_probe(h, labels, train, classes), 3) for h in states]
-            for where, states in (("at the word", word), ("at the answer", answer))}
+    return {"at the word": per_layer_probe(word, labels, train, classes),
+            "at the answer": per_layer_probe(answer, labels, train, classes)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Train the shapes demo model, a tiny Qwen2-VL, on procedurally generated images; save a checkpoint folder.
 
     python scripts/train_demo.py --out shapes-demo      # the shipped model: 9000 steps, ~26 minutes on 2 cores
+                                                        # with AVX-512 (0.17 s a step; 0.36 s on AVX2 alone)
     ocula run --model shapes-demo --image examples/shapes.png "What is in the picture?"
 
 Notable features:
@@ -18,7 +19,9 @@ Notable features:
   reached colour 67%, not 82%, by step 7500.
 - Every answer weighs the same in the loss (--loss answer): with the plain token mean a 12-token caption
   outweighs a one-word colour or count.
-- `--size` changes the model's dimensions for experiments (`text_layers=4,mrope_section=8/4/4`).
+- `--size` changes the model's dimensions for experiments (`text_layers=4,mrope_section=8/4/4`). M-RoPE bands
+  8/4/4 give the place-invariant temporal band half of each head's rotary pairs, and with them one run learnt
+  to find a shape both by its place and by its kind (README, "M-RoPE bands 8/4/4"); three others did not.
 - An endless stream of fresh training samples (consecutive train seeds), so there is no overfitting to a
   fixed set and a run is reproducible from its flags alone; batches are rendered and tokenized in a worker
   process (--workers 1), so the two cores of a small machine train and render at the same time.

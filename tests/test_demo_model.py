@@ -54,6 +54,18 @@ def test_the_shipped_checkpoint_is_small_and_complete():
     assert (ASSET / "model.safetensors").stat().st_size < 20 * 2**20
 
 
+def test_the_shipped_config_is_what_the_training_script_writes(tmp_path):
+    """The default DemoSize is the shipped model's: retraining with the script's defaults builds the same
+    architecture and processor."""
+    import json
+
+    from ocula.demo import write_skeleton
+
+    folder = write_skeleton(tmp_path / "demo")
+    for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
+        assert json.loads((folder / name).read_text()) == json.loads((ASSET / name).read_text()), name
+
+
 @pytest.mark.parametrize("qtype", sorted(FLOORS))
 def test_generate_answers_held_out_images(library, qtype):
     processor, model = library

@@ -7,13 +7,14 @@ model" for the 500-image figures), so a broken loader, processor or decode loop 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from ocula import cli
-from ocula.demo import shapes
+from ocula.demo import shapes, write_skeleton
 from ocula.demo.batches import conversation, heldout_samples
 from scripts import eval_demo  # the repository root is on sys.path (conftest.py)
 
@@ -57,10 +58,6 @@ def test_the_shipped_checkpoint_is_small_and_complete():
 def test_the_shipped_config_is_what_the_training_script_writes(tmp_path):
     """The default DemoSize is the shipped model's: retraining with the script's defaults builds the same
     architecture and processor."""
-    import json
-
-    from ocula.demo import write_skeleton
-
     folder = write_skeleton(tmp_path / "demo")
     for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
         assert json.loads((folder / name).read_text()) == json.loads((ASSET / name).read_text()), name

@@ -19,9 +19,8 @@ Notable features:
   reached colour 67%, not 82%, by step 7500.
 - Every answer weighs the same in the loss (--loss answer): with the plain token mean a 12-token caption
   outweighs a one-word colour or count.
-- `--size` changes the model's dimensions for experiments (`text_layers=4,mrope_section=8/4/4`). M-RoPE bands
-  8/4/4 give the place-invariant temporal band half of each head's rotary pairs, and with them one run learnt
-  to find a shape both by its place and by its kind (README, "M-RoPE bands 8/4/4"); five others did not.
+- `--size` changes the model's dimensions for experiments (`text_layers=4,mrope_section=8/4/4`; why the bands
+  matter: the comment on `DemoSize.mrope_section`).
 - An endless stream of fresh training samples (consecutive train seeds), so there is no overfitting to a
   fixed set and a run is reproducible from its flags alone; batches are rendered and tokenized in a worker
   process (--workers 1), so the two cores of a small machine train and render at the same time.

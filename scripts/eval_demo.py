@@ -18,7 +18,8 @@ Notable features:
   (~90% there) or finds the colour at the word and copies that on: a second probe reads the answer, the
   named shape's colour, at the same two places, on scenes of several shapes. Two more read, where the
   answer to "What shape is at the top left?" is written, the row and column asked (a model that carries only
-  the row confuses the shapes of a row), and, at every image token of a shape, the row and column of its cell.
+  the row confuses the shapes of a row), and, at every image token of a shape, the row and column of its cell
+  and the shape's kind.
 - Targets: >= 95% on shape and colour, >= 90% on count and position; the exit status is 1 when missed.
 """
 
@@ -167,32 +168,35 @@ def hidden_states(model, processor, samples: list[shapes.Sample], batch_size: in
 
 
 def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int = 50) -> dict[str, list[float]]:
-    """{"row": [...], "column": [...]}: how well an image token's place (top or bottom half, left or right half)
-    is read linearly from the decoder's input and each layer's output (chance 0.5), on the image tokens of the
-    cells that hold a shape; fitted on the tokens of the first `train` held-out images, scored on the rest.
+    """{"row": [...], "column": [...], "kind": [...]}: how well an image token's place (top or bottom half, left
+    or right half; chance 0.5) and the kind of the shape it shows (chance 0.25) are read linearly from the
+    decoder's input and each layer's output, on the image tokens of the cells that hold a shape; fitted on the
+    tokens of the first `train` held-out images, scored on the rest. With 2 x 2 image tokens to a shape each
+    token shows a quarter of it, and finding "the circle" by its tokens' keys needs the kind in each one.
 
     Qwen2-VL's vision tower has only relative rotary positions, so the decoder's input knows a token's place
     only from what the image shows there; the decoder's causal attention then tells a token how many image
     tokens come before it, which gives the row (a threshold on that count) far more easily than the column."""
     samples = heldout_samples("shape", n)
     image_token = model.config.image_token_id
-    found = []  # (hidden states [layers + 1, D], row, column, image index) of each image token of a shape
+    found = []  # (hidden states [layers + 1, D], row, column, kind, image index) of each image token of a shape
     image = 0
     for batch, hidden in layer_states(model, processor, samples, batch_size):
         for b, (sample, ids, (_, h, _)) in enumerate(zip(batch.samples, batch.inputs["input_ids"],
                                                          batch.inputs["image_grid_thw"].tolist())):
             side = h // processor.image_processor.merge_size  # image tokens per row (and column)
-            occupied = {shape.cell for shape in sample.scene.shapes}
+            kinds = {shape.cell: shapes.KINDS.index(shape.kind) for shape in sample.scene.shapes}
             for k, position in enumerate((ids == image_token).nonzero()[:, 0].tolist()):
                 row, col = 2 * (k // side) // side, 2 * (k % side) // side
-                if 2 * row + col in occupied:
-                    found.append((hidden[:, b, position], row, col, image))
+                if 2 * row + col in kinds:
+                    found.append((hidden[:, b, position], row, col, kinds[2 * row + col], image))
             image += 1
-    states, rows, cols, images = zip(*found)
+    states, rows, cols, kinds, images = zip(*found)
     x = torch.stack(states, 1)
     fit = sum(i < train for i in images)  # tokens come in image order: the first `fit` are the training images'
     return {"row": per_layer_probe(x, torch.tensor(rows), fit, 2),
-            "column": per_layer_probe(x, torch.tensor(cols), fit, 2)}
+            "column": per_layer_probe(x, torch.tensor(cols), fit, 2),
+            "kind": per_layer_probe(x, torch.tensor(kinds), fit, len(shapes.KINDS))}
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, train: int, classes: int, steps: int = 300) -> float:

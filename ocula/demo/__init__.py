@@ -43,7 +43,7 @@ class DemoSize:
     # the image tokens must score them alike wherever they are, and only the t band does that (every image
     # token shares its t position; h and w turn with the token's row and column). With these proportions
     # (Qwen2-VL's own, scaled down) every run tried learnt to find a shape by its place or by its kind, not
-    # both; (8, 4, 4) learnt both in one run of six (README, "M-RoPE bands 8/4/4").
+    # both; (8, 4, 4) learnt both in one run of eight (README, "M-RoPE bands 8/4/4").
     mrope_section: tuple[int, int, int] = (4, 6, 6)
     # M-RoPE gives the image rows and columns the slowest rotary frequencies: with the usual base (10000)
     # neighbouring cells of a 4x4 token grid differ by under 0.1 radian there, and a two-layer decoder cannot

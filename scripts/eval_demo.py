@@ -188,8 +188,9 @@ def cell_probe(model, processor, n: int = 300, train: int = 200, batch_size: int
             kinds = {shape.cell: shapes.KINDS.index(shape.kind) for shape in sample.scene.shapes}
             for k, position in enumerate((ids == image_token).nonzero()[:, 0].tolist()):
                 row, col = 2 * (k // side) // side, 2 * (k % side) // side
-                if 2 * row + col in kinds:
-                    found.append((hidden[:, b, position], row, col, kinds[2 * row + col], image))
+                cell = 2 * row + col
+                if cell in kinds:
+                    found.append((hidden[:, b, position], row, col, kinds[cell], image))
             image += 1
     states, rows, cols, kinds, images = zip(*found)
     x = torch.stack(states, 1)

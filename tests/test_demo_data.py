@@ -394,8 +394,8 @@ def test_ocula_runs_the_demo_checkpoint_like_transformers(trained):
 
 
 def test_size_flag_replaces_demo_size_fields():
-    size = train_demo.parse_args(["--size", "text_layers=4,mrope_section=8/4/4,merge_size=4"]).size
-    assert (size.text_layers, size.mrope_section, size.merge_size) == (4, (8, 4, 4), 4)
+    size = train_demo.parse_args(["--size", "text_layers=4,mrope_section=2/3/3,merge_size=4"]).size
+    assert (size.text_layers, size.mrope_section, size.merge_size) == (4, (2, 3, 3), 4)
     assert train_demo.parse_args([]).size == DEMO_SIZE
     for bad in ("depth=3", "text_layers=", "mrope_section=8/8/8"):  # unknown field, no value, wrong rotary sum
         with pytest.raises(SystemExit):
@@ -416,3 +416,13 @@ def test_training_can_start_from_a_checkpoint(tmp_path):
     before, after = load_file(str(asset / "model.safetensors")), load_file(str(tmp_path / "ft" / "model.safetensors"))
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_init_from_a_checkpoint_of_another_size_fails(tmp_path):
+    """Same weight shapes, other heads: --init refuses instead of loading into the wrong architecture."""
+    from ocula import cli
+
+    args = train_demo.parse_args(["--out", str(tmp_path / "ft"), "--init", str(cli.DEFAULT_MODEL), "--steps", "1",
+                                  "--size", "text_heads=4,text_kv_heads=2,mrope_section=4/6/6", "--workers", "0"])
+    with pytest.raises(SystemExit, match="num_attention_heads.*num_key_value_heads.*rope_scaling"):
+        train_demo.train(args)

@@ -22,11 +22,10 @@ ASSET = Path(cli.DEFAULT_MODEL)
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 N = 24  # held-out images per question type
 
-# question type -> (fewest right answers out of N, right answers measured on these N images). The model
-# misses the 95% targets for shape and colour (500 images: shape 83.4%, colour 91.8%, count 91.2%, position
-# 90.6%, caption 89.0%); these floors pin what it does today, two answers of slack for float differences
-# between machines.
-FLOORS = {"shape": (17, 19), "colour": (22, 24), "count": (21, 23), "position": (18, 20), "caption": (19, 21)}
+# question type -> (fewest right answers out of N, right answers measured on these N images). 500 images:
+# shape 99.2%, colour 99.6%, count 97.0%, position 99.8%, caption 94.4%; these floors pin what it does today,
+# two answers of slack for float differences between machines.
+FLOORS = {"shape": (22, 24), "colour": (22, 24), "count": (21, 23), "position": (22, 24), "caption": (20, 22)}
 
 
 @pytest.fixture(scope="module")
@@ -164,24 +163,23 @@ def test_colour_probe_reads_the_answer_only_after_the_decoder_looked(library):
     assert probe["at the answer"][-1] >= 0.7
 
 
-def test_place_probe_finds_the_row_asked_but_not_the_column(library):
+def test_place_probe_finds_the_row_and_the_column_asked(library):
     """eval_demo.place_probe: where the answer to "What shape is at the top left?" is written the decoder's
-    input is always the same token (chance, 0.5); the shipped model then carries the row asked at every layer
-    but the column only weakly, which is its one kind of shape error (it picks the other shape of the row)."""
+    input is always the same token (chance, 0.5); the shipped model carries both the row and the column asked
+    from its first layer on. (Runs that carried the row only picked the other shape of the row: shape 83%.)"""
     processor, model = library
     probe = eval_demo.place_probe(model, processor, n=200, train=130)
     assert len(probe["row"]) == len(probe["column"]) == len(model.model.language_model.layers) + 1
     assert probe["row"][0] <= 0.6 and probe["column"][0] <= 0.6
-    assert min(probe["row"][1:]) >= 0.95
-    assert max(probe["column"]) <= 0.75
+    assert min(probe["row"][1:] + probe["column"][1:]) >= 0.95
 
 
 def test_cell_probe_image_tokens_learn_their_row_in_the_decoder(library):
     """eval_demo.cell_probe: the vision tower's output barely tells a shape's image tokens where they are;
     after the decoder's causal attention the row is read almost always, the column less often. Each token
-    shows a quarter of its shape, and its kind is read well above chance (0.25) but far from always."""
+    shows a quarter of its shape, yet its kind is read from it at the decoder's input nearly always."""
     processor, model = library
     probe = eval_demo.cell_probe(model, processor, n=150, train=100)
     assert probe["row"][0] <= 0.7 and probe["column"][0] <= 0.7
     assert probe["row"][-1] >= 0.9 > probe["column"][-1]
-    assert 0.6 <= probe["kind"][0] <= 0.88
+    assert probe["kind"][0] >= 0.85

@@ -36,15 +36,17 @@ class DemoSize:
     vision_heads: int = 4  # ViT heads (head dim 24: 2-D rotary needs a multiple of 4)
     text_hidden: int = 128  # decoder width; the patch merger projects into it
     text_layers: int = 3  # decoder layers
-    text_heads: int = 4  # head dim 32
-    text_kv_heads: int = 2
+    # Eight heads of 16 and four key/value heads: the same projections as four heads of 32 with two key/value
+    # heads, but twice the look-ups. With four heads every run tried learnt to find a shape by its place or
+    # by its kind, not both, all but one (docs/demo-model.md); with eight, both runs tried learnt both.
+    text_heads: int = 8
+    text_kv_heads: int = 4
     text_intermediate: int = 384  # SwiGLU width
     # (t, h, w) halves of the rotary dims: sums to head_dim/2. A question word looking for "the circle" among
     # the image tokens must score them alike wherever they are, and only the t band does that (every image
-    # token shares its t position; h and w turn with the token's row and column). With these proportions
-    # (Qwen2-VL's own, scaled down) every run tried learnt to find a shape by its place or by its kind, not
-    # both; (8, 4, 4) learnt both in one run of eight (README, "M-RoPE bands 8/4/4").
-    mrope_section: tuple[int, int, int] = (4, 6, 6)
+    # token shares its t position; h and w turn with the token's row and column). Half the pairs go to t;
+    # with four heads, Qwen2-VL's own proportions (a quarter) never learnt both look-ups, 8/4/4 once in eight.
+    mrope_section: tuple[int, int, int] = (4, 2, 2)
     # M-RoPE gives the image rows and columns the slowest rotary frequencies: with the usual base (10000)
     # neighbouring cells of a 4x4 token grid differ by under 0.1 radian there, and a two-layer decoder cannot
     # tell "top left" from "top right". Base 2 puts every frequency between 0.5 and 1 radian per position.

@@ -23,9 +23,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 N = 24  # held-out images per question type
 
 # question type -> (fewest right answers out of N, right answers measured on these N images). 500 images:
-# shape 99.2%, colour 99.6%, count 97.0%, position 99.8%, caption 94.4%; these floors pin what it does today,
+# shape 100%, colour 100%, count 93.2%, position 100%, caption 95.6%; these floors pin what it does today,
 # two answers of slack for float differences between machines.
-FLOORS = {"shape": (22, 24), "colour": (22, 24), "count": (21, 23), "position": (22, 24), "caption": (20, 22)}
+FLOORS = {"shape": (22, 24), "colour": (22, 24), "count": (21, 23), "position": (22, 24), "caption": (21, 23)}
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +165,14 @@ def test_colour_probe_reads_the_answer_only_after_the_decoder_looked(library):
 
 def test_place_probe_finds_the_row_and_the_column_asked(library):
     """eval_demo.place_probe: where the answer to "What shape is at the top left?" is written the decoder's
-    input is always the same token (chance, 0.5); the shipped model carries both the row and the column asked
-    from its first layer on. (Runs that carried the row only picked the other shape of the row: shape 83%.)"""
+    input is always the same token (chance, 0.5); the shipped model carries the row asked from its first layer
+    on and the column from its second. (Runs that carried the row only picked the other shape of the row:
+    shape 83%.)"""
     processor, model = library
     probe = eval_demo.place_probe(model, processor, n=200, train=130)
     assert len(probe["row"]) == len(probe["column"]) == len(model.model.language_model.layers) + 1
     assert probe["row"][0] <= 0.6 and probe["column"][0] <= 0.6
-    assert min(probe["row"][1:] + probe["column"][1:]) >= 0.95
+    assert min(probe["row"][1:]) >= 0.95 and min(probe["column"][2:]) >= 0.95
 
 
 def test_cell_probe_image_tokens_learn_their_row_in_the_decoder(library):

@@ -37,8 +37,8 @@ class DemoSize:
     text_hidden: int = 128  # decoder width; the patch merger projects into it
     text_layers: int = 3  # decoder layers
     # Eight heads of 16 and four key/value heads: the same projections as four heads of 32 with two key/value
-    # heads, but twice the look-ups. With four heads every run tried learnt to find a shape by its place or
-    # by its kind, not both, all but one (docs/demo-model.md); with eight, both runs tried learnt both.
+    # heads, but twice the look-ups. With four heads all runs tried but one learnt to find a shape by its place
+    # or by its kind, not both (docs/demo-model.md); with eight, both runs tried learnt both.
     text_heads: int = 8
     text_kv_heads: int = 4
     text_intermediate: int = 384  # SwiGLU width
